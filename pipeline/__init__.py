@@ -1,0 +1,1 @@
+"""Ray Data pipeline pieces and the procedural scenes of the reference model and quality benchmark."""
