@@ -1,0 +1,98 @@
+"""CPU stage before the model: image bytes -> RGB image -> processor tensors (resize, normalise, tokenise).
+
+It runs as ordinary Ray tasks upstream of the actor pool, so a model actor only pads and stacks ready tensors.
+A row that cannot be opened or processed leaves this stage with `error` set and no tensors; odd but readable
+images (CMYK, 16-bit, alpha, palette, 1x1, animated) are converted to plain RGB and go on.
+"""
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.bundled import resolve_model
+from pipeline.config import JobConfig
+
+PREPARED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("shard", pa.string()), ("shard_rows", pa.int64()),
+    ("question", pa.string()), ("error", pa.string()),
+    ("inputs", pa.binary()),  # the processor's arrays for this row, np.savez-packed (null on error rows)
+])
+
+
+def to_rgb(data: bytes) -> Image.Image:
+    """Encoded image -> RGB. Raises whatever PIL raises for bytes nothing can open (or a truncated file)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
+        image.load()
+        return _as_rgb(image)
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
+        # 16/32-bit greyscale: PIL's own RGB conversion clips to the low byte, so rescale 16-bit range to 8 bits.
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if pixels.max() > 255 else 1.0
+        return Image.fromarray(np.clip(pixels / scale, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels hold arbitrary colours; show them the way a viewer would: over white.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@functools.cache
+def load_processor(model: str):
+    """The model's processor, once per worker process."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(resolve_model(model))
+    processor.tokenizer.padding_side = "left"  # batched generation needs left padding
+    return processor
+
+
+def prompt_text(processor, instruction: str) -> str:
+    """One user turn with the image and the instruction, in the model's own chat format."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    return processor.apply_chat_template(turn, add_generation_prompt=True)
+
+
+def pack(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def unpack(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob)) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+def _prepare_row(processor, image_bytes: bytes, instruction: str) -> bytes:
+    """Processor output for one row, without its batch dimension (input_ids [S], pixel_values [3, H, W] or
+    [patches, 3, H, W] for AnyRes models, ...)."""
+    arrays = processor(images=[to_rgb(image_bytes)], text=[prompt_text(processor, instruction)], return_tensors="np")
+    return pack({name: np.asarray(value)[0] for name, value in arrays.items()})
+
+
+def prepare(batch: pa.Table, config: JobConfig) -> pa.Table:
+    """SOURCE_SCHEMA rows -> PREPARED_SCHEMA rows (a Ray map_batches function)."""
+    processor = load_processor(config.model)
+    rows = batch.to_pylist()
+    questions, errors, inputs = [], [], []
+    for row in rows:
+        question = (row["question"] or config.question) if config.task == "vqa" else None
+        error, packed = row["error"], None
+        if error is None:
+            try:
+                packed = _prepare_row(processor, row["image"], question or config.prompt)
+            except Exception as e:  # noqa: BLE001 -- any failure on one row becomes that row's error, never the job's
+                error = f"cannot decode image: {type(e).__name__}: {e}"
+        questions.append(question)
+        errors.append(error)
+        inputs.append(packed)
+    return pa.table({"id": batch.column("id"), "shard": batch.column("shard"), "shard_rows": batch.column("shard_rows"),
+                     "question": questions, "error": errors, "inputs": inputs}, schema=PREPARED_SCHEMA)

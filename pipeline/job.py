@@ -1,0 +1,151 @@
+"""A whole job: refuse bad settings before anything heavy starts, then stream shards through Ray Data.
+
+    pending shards -> read (CPU task per shard) -> decode + processor (CPU) -> model actor pool -> driver sink
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline.bundled import resolve_model
+from pipeline.config import ConfigError, JobConfig, parse_args
+from pipeline.sinks import ShardSink, shard_folder
+from pipeline.sources import Shard, check_parquet_columns, list_shards, open_uri, read_shard
+
+
+@dataclass
+class Plan:
+    """What a job will do, decided on the driver before Ray or any model starts."""
+    input_fs: pafs.FileSystem
+    shards: list[Shard]
+    sink: ShardSink
+    done: dict[str, dict[str, int]]  # output folder -> {rows, errors} of shards finished by earlier runs
+
+    @property
+    def pending(self) -> list[Shard]:
+        return [s for s in self.shards if shard_folder(s.name) not in self.done]
+
+
+def load_model_config(model: str):
+    """The model's config.json (no weights); refuses a path or id that does not name a model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(model))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model not found or not a model: {model} ({str(e).splitlines()[0]})") from None
+
+
+def check_reducer(model_config, config: JobConfig) -> None:
+    import reducers
+
+    from pipeline.actor import budget_kwargs
+    try:
+        reducers.validate(model_config, config.reducer, **budget_kwargs(config))
+    except ValueError as e:
+        raise ConfigError(f"reducer {config.reducer}: {e}") from None
+
+
+def plan(config: JobConfig) -> Plan:
+    """Every check that can refuse the job (raises ConfigError), cheapest first; no weights are loaded."""
+    input_fs, root = open_uri(config.input)
+    shards = list_shards(input_fs, root, config)
+    if shards[0].format == "parquet":
+        check_parquet_columns(input_fs, shards[0], config)
+    output_fs, output_root = open_uri(config.output)
+    sink = ShardSink(output_fs, output_root)
+    sink.check_writable(config.output)
+    check_reducer(load_model_config(config.model), config)
+    if config.overwrite:
+        sink.clear()
+    return Plan(input_fs, shards, sink, sink.completed())
+
+
+def _read(batch: pa.Table, fs: pafs.FileSystem, shards: dict[str, Shard], config: JobConfig) -> pa.Table:
+    return pa.concat_tables([read_shard(fs, shards[name], config) for name in batch.column("shard").to_pylist()])
+
+
+def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]):
+    import ray
+    import ray.data
+
+    from pipeline.actor import ModelActor
+    from pipeline.decode import prepare
+
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if has_gpus else 0.0)
+    # CPU-only: a fractional CPU per actor, or a 2-core machine's actors take every CPU and the reads never run.
+    cpus = config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if gpus > 0 else 0.5)
+    shards = {s.name: s for s in pending}
+    lo, hi = config.actors
+    return (ray.data.from_items([{"shard": s.name} for s in pending], override_num_blocks=len(pending))
+            .map_batches(_read, fn_kwargs={"fs": fs, "shards": shards, "config": config},
+                         batch_size=1, batch_format="pyarrow")
+            .map_batches(prepare, fn_kwargs={"config": config}, batch_size=config.batch_size, batch_format="pyarrow")
+            .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus},
+                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=config.batch_size,
+                         batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus,
+                         # the actor handles failures per row: a retry would only redo the same failure
+                         max_task_retries=0))
+
+
+def run(config: JobConfig) -> dict[str, Any]:
+    """Run the job to the end (or resume it); returns the summary that is also written to summary.json."""
+    import ray
+
+    from pipeline.progress import Progress
+
+    job = plan(config)
+    pending = job.pending
+    for shard in pending:
+        job.sink.discard_partial(shard.name)
+    started = time.monotonic()
+    if pending:
+        ray.init(ignore_reinit_error=True)
+        progress = Progress(len(job.shards), len(job.shards) - len(pending))
+        for out in build_dataset(config, job.input_fs, pending).iter_batches(batch_size=None, batch_format="pyarrow"):
+            finished = job.sink.add(out)
+            progress.update(len(out), len(finished))
+        progress.close()
+        if job.sink.unfinished():
+            raise RuntimeError(f"rows lost: shards {job.sink.unfinished()} ended incomplete")
+    for shard in pending:
+        if shard.name not in job.sink.seen:  # a shard with no rows: complete, now that the dataset ran to its end
+            job.sink.mark_empty(shard.name)
+    return summarize(config, job, time.monotonic() - started)
+
+
+def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
+    done = job.sink.completed()
+    ledger, rows, errors = job.sink.ledger, job.sink.rows, job.sink.errors
+    device_seconds = sum(c["device_seconds"] for c in ledger)
+    cost = sum(c["cost_usd"] for c in ledger)
+    summary = {
+        "rows": sum(d["rows"] for d in done.values()), "errors": sum(d["errors"] for d in done.values()),
+        "rows_this_run": rows, "errors_this_run": errors,
+        "shards": len(job.shards), "shards_this_run": len(job.pending),
+        "shards_skipped": len(job.shards) - len(job.pending), "seconds": seconds, "images_per_s": rows / seconds if seconds else 0.0,
+        "device_seconds": device_seconds, "cost_usd": cost,
+        "cost_per_1000_images": 1000 * cost / rows if rows else 0.0,
+        "flops_total": sum(c["flops_total"] for c in ledger), "settings": config.settings(),
+    }
+    job.sink.write_summary(summary)
+    return summary
+
+
+def main(task: str, argv: list[str] | None = None) -> int:
+    """Entry point of jobs/caption.py and jobs/vqa.py: exit status 0, or 2 with one line for a refused job."""
+    try:
+        summary = run(parse_args(task, argv))
+    except ConfigError as e:
+        print(f"{task}.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{summary['rows_this_run']} rows ({summary['errors_this_run']} errors) in {summary['seconds']:.1f} s, "
+          f"{summary['images_per_s']:.2f} images/s; output has {summary['rows']} rows; "
+          f"summary: {summary['settings']['output'].rstrip('/')}/summary.json")
+    return 0

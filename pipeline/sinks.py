@@ -1,0 +1,126 @@
+"""Driver-side sink: results / costs Parquet per input shard, a completion marker written last, summary.json.
+
+Layout under OUTPUT (plain Parquet files; pandas, duckdb and pyarrow read them directly):
+    results/<shard>/part-0.parquet   one row per input row (RESULT_SCHEMA)
+    costs/<shard>/part-0.parquet     one row per model batch (COST_SCHEMA)
+    results/<shard>/_SUCCESS         JSON {rows, errors}: the shard is complete; written after both tables
+    summary.json
+
+Why the driver writes: a shard's files are written once, when all its rows are in, so an interrupted job leaves
+only whole shards plus at most one half-written folder without a marker (removed on resume). Ray's write_parquet
+cannot name outputs after the input shard, and its checkpointing (beta) works per row, not per shard. Result
+rows are small (text and counts), so one writer keeps up with many model actors.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import defaultdict
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.actor import COST_SCHEMA, RESULT_SCHEMA
+from pipeline.config import ConfigError
+
+MARKER = "_SUCCESS"
+
+
+def shard_folder(shard: str) -> str:
+    """One flat folder per shard, even for shards in sub-folders of the input."""
+    return shard.replace("/", "__")
+
+
+class ShardSink:
+    def __init__(self, fs: pafs.FileSystem, root: str):
+        self.fs, self.root = fs, root.rstrip("/")
+        self._results: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._costs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._expected: dict[str, int] = {}
+        self.seen: set[str] = set()                 # shards that sent at least one row in this run
+        self.ledger: list[dict[str, Any]] = []      # this run's cost rows
+        self.rows = self.errors = 0                 # this run's result rows and error rows
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def check_writable(self, uri: str) -> None:
+        """Create the output folder and write + delete a probe file. Raises ConfigError."""
+        probe = self._path(".trimlens-write-test")
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            self.fs.delete_file(probe)
+        except (OSError, pa.ArrowException) as e:
+            raise ConfigError(f"output is not writable: {uri}: {str(e).splitlines()[0]}") from None
+
+    def clear(self) -> None:
+        """--overwrite: remove everything a previous run wrote (and nothing else under OUTPUT)."""
+        for folder in ("results", "costs"):
+            if self.fs.get_file_info(self._path(folder)).type == pafs.FileType.Directory:
+                self.fs.delete_dir(self._path(folder))
+        if self.fs.get_file_info(self._path("summary.json")).type == pafs.FileType.File:
+            self.fs.delete_file(self._path("summary.json"))
+
+    def completed(self) -> dict[str, dict[str, int]]:
+        """Folder name -> marker contents ({rows, errors}) for every shard a previous run finished."""
+        found = self.fs.get_file_info(pafs.FileSelector(self._path("results"), allow_not_found=True, recursive=True))
+        done = {}
+        for info in found:
+            if info.type == pafs.FileType.File and posixpath.basename(info.path) == MARKER:
+                with self.fs.open_input_stream(info.path) as f:
+                    done[posixpath.basename(posixpath.dirname(info.path))] = json.loads(f.read())
+        return done
+
+    def discard_partial(self, shard: str) -> None:
+        """Remove what an interrupted run left of a shard that has no marker."""
+        for folder in ("results", "costs"):
+            path = self._path(folder, shard_folder(shard))
+            if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+                self.fs.delete_dir(path)
+
+    def add(self, batch: pa.Table) -> list[str]:
+        """Take actor output rows (OUTPUT_SCHEMA); write every shard they complete; return those shards."""
+        finished = []
+        for row in batch.to_pylist():
+            shard = row["shard"]
+            self.seen.add(shard)
+            self._expected[shard] = row.pop("shard_rows")
+            cost = row.pop("cost")
+            if cost is not None:
+                self._costs[shard].append(json.loads(cost))
+                self.ledger.append(self._costs[shard][-1])
+            self._results[shard].append(row)
+            self.rows += 1
+            self.errors += row["error"] is not None
+            if len(self._results[shard]) == self._expected[shard]:
+                self._write_shard(shard)
+                finished.append(shard)
+        return finished
+
+    def unfinished(self) -> list[str]:
+        """Shards that received some rows but not all of them."""
+        return sorted(self._results)
+
+    def mark_empty(self, shard: str) -> None:
+        """A shard that yielded no rows at all is complete once the dataset has run to its end."""
+        self._write_shard(shard)
+
+    def _write_shard(self, shard: str) -> None:
+        results = pa.Table.from_pylist(self._results.pop(shard, []), schema=RESULT_SCHEMA)
+        costs = pa.Table.from_pylist(self._costs.pop(shard, []), schema=COST_SCHEMA)
+        folder = shard_folder(shard)
+        for name, table in (("results", results), ("costs", costs)):
+            self.fs.create_dir(self._path(name, folder), recursive=True)
+            pq.write_table(table, self._path(name, folder, "part-0.parquet"), filesystem=self.fs)
+        errors = pc.sum(results.column("error").is_valid()).as_py() or 0
+        with self.fs.open_output_stream(self._path("results", folder, MARKER)) as f:
+            f.write(json.dumps({"rows": len(results), "errors": errors}).encode())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        with self.fs.open_output_stream(self._path("summary.json")) as f:
+            f.write(json.dumps(summary, indent=2).encode())

@@ -1,0 +1,119 @@
+"""JobConfig: flags, config files, precedence, and the one-line refusals (exit status 2)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, JobConfig, build_parser, parse_args
+from pipeline.job import main
+from pipeline_data import save_test_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_run_the_bundled_job():
+    config = parse_args("caption", [])
+    assert config == JobConfig(task="caption")
+    assert Path(config.input) == ROOT / "pipeline" / "assets" and config.output == "out"
+    assert config.model == "bundled" and config.reducer == "none"
+
+
+def test_flags_map_onto_fields():
+    config = parse_args("vqa", ["--reducer", "fastv", "--ratio", "0.25", "--actors", "2,4", "--gpus-per-actor", "0.5",
+                                "--dtype", "fp32", "--batch-size", "3", "--overwrite", "--question", "Why?"])
+    assert (config.task, config.reducer, config.ratio, config.actors) == ("vqa", "fastv", 0.25, (2, 4))
+    assert (config.gpus_per_actor, config.dtype, config.batch_size, config.overwrite) == (0.5, "fp32", 3, True)
+    assert config.question == "Why?" and config.visual_tokens is None
+
+
+def test_every_option_has_a_flag_with_its_default_in_help():
+    text = build_parser("caption").format_help()
+    for name, field in JobConfig.__dataclass_fields__.items():
+        if field.metadata["flag"]:
+            assert "--" + name.replace("_", "-") in text
+    assert text.count("default:") >= sum(f.metadata["flag"] for f in JobConfig.__dataclass_fields__.values())
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_and_flag_precedence(tmp_path, suffix):
+    settings = {"reducer": "fastv", "visual-tokens": 32, "batch_size": 5, "actors": "1,3", "max_new_tokens": 7}
+    path = tmp_path / f"job{suffix}"
+    path.write_text(json.dumps(settings))  # JSON is valid YAML too
+    config = parse_args("caption", ["--config", str(path), "--batch-size", "9"])
+    assert (config.reducer, config.visual_tokens, config.actors, config.max_new_tokens) == ("fastv", 32, (1, 3), 7)
+    assert config.batch_size == 9  # the flag wins over the file
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--actors", "3,1"], "--actors"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_bad_values_are_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args("caption", argv)
+
+
+def test_config_file_errors(tmp_path):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("reducer: none\nbatchsize: 3\n")
+    with pytest.raises(ConfigError, match="batchsize"):
+        parse_args("caption", ["--config", str(unknown)])
+    both = tmp_path / "both.yaml"
+    both.write_text("visual_tokens: 10\nratio: 0.5\n")
+    with pytest.raises(ConfigError, match="either"):
+        parse_args("caption", ["--config", str(both)])
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_args("caption", ["--config", str(tmp_path / "missing.yaml")])
+    wrong_type = tmp_path / "wrong.yaml"
+    wrong_type.write_text("batch_size: many\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        parse_args("caption", ["--config", str(wrong_type)])
+
+
+def test_budget_flags_are_exclusive_on_the_command_line():
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args("caption", ["--visual-tokens", "8", "--ratio", "0.5"])
+    assert exit_info.value.code == 2
+
+
+@pytest.fixture
+def refusal_cases(tmp_path) -> dict[str, list[str]]:
+    """A reason each, expected in the one error line -> the flags of a job that must be refused."""
+    model = str(save_test_model(tmp_path / "model"))
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"not opened before the job starts")
+    (tmp_path / "empty").mkdir()
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    common = ["--input", str(images), "--output", str(tmp_path / "out"), "--model", model]
+    return {
+        "input not found": [*common, "--input", str(tmp_path / "nope")],
+        "input is empty": [*common, "--input", str(tmp_path / "empty")],
+        "not writable": [*common, "--output", str(blocked / "sub")],
+        "model not found": [*common, "--model", str(tmp_path / "no-model")],
+        "unknown reduction method": [*common, "--reducer", "no-such-method"],
+        "above the full count": [*common, "--reducer", "fastv", "--visual-tokens", "100000"],
+        "budget": [*common, "--reducer", "fastv"],
+    }
+
+
+def test_refusals_exit_2_with_one_line_before_any_model_loads(refusal_cases, tmp_path, capsys, monkeypatch):
+    loaded = []
+    monkeypatch.setattr("pipeline.actor.load_model", lambda *a: loaded.append(a))  # must never be reached
+    for reason, argv in refusal_cases.items():
+        assert main("caption", argv) == 2, reason
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("caption.py: error:") and reason in lines[0], (reason, lines)
+    assert not loaded and not (tmp_path / "out" / "results").exists()
+
+
+def test_the_script_exits_2(refusal_cases):
+    result = subprocess.run([sys.executable, str(ROOT / "jobs" / "vqa.py"), *refusal_cases["input not found"]],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith("vqa.py: error: input not found")

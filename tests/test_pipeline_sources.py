@@ -1,0 +1,113 @@
+"""Sources (shard listing, row ids, formats) and the decode stage (odd images -> RGB, bad ones -> error rows)."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.config import ConfigError, JobConfig
+from pipeline.decode import PREPARED_SCHEMA, load_processor, prepare, to_rgb, unpack
+from pipeline.sources import SOURCE_SCHEMA, list_shards, open_uri, read_shard
+from pipeline_data import (bad_images, good_images, odd_images, save_test_model, write_parquet_shard,
+                           write_tar_shard)
+
+
+def _shards(uri: str, **settings):
+    config = JobConfig(input=uri, **settings)
+    fs, root = open_uri(uri)
+    return fs, list_shards(fs, root, config), config
+
+
+def test_parquet_shards_ids_and_questions(tmp_path):
+    images = good_images(3)
+    write_parquet_shard(tmp_path / "in" / "b.parquet", {"x1": images[0]}, {"x1": "Q?"})
+    write_parquet_shard(tmp_path / "in" / "sub" / "a.parquet", {"y1": images[1], "y2": images[2]})
+    (tmp_path / "in" / "_SUCCESS").write_text("")  # not a shard
+    fs, shards, config = _shards(str(tmp_path / "in"))
+    assert [s.name for s in shards] == ["b.parquet", "sub/a.parquet"] and {s.format for s in shards} == {"parquet"}
+    table = read_shard(fs, shards[1], config)
+    assert table.schema == SOURCE_SCHEMA
+    assert table.column("id").to_pylist() == ["y1", "y2"] and table.column("shard_rows").to_pylist() == [2, 2]
+    assert table.column("question").to_pylist() == [None, None]
+    assert read_shard(fs, shards[0], config).column("question").to_pylist() == ["Q?"]
+
+
+def test_webdataset_keys_json_questions_and_samples_without_image(tmp_path):
+    samples = {"s/000.jpg": good_images(1)[0], "s/001.png": good_images(1, seed=3)[0]}
+    write_tar_shard(tmp_path / "00000.tar", samples, {"s/001.png": "How many?"})
+    with tarfile.open(tmp_path / "00001.tar", "w") as tar:  # a sample with only a caption: no image
+        info = tarfile.TarInfo("lonely.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    fs, shards, config = _shards(f"file://{tmp_path}")
+    assert [s.name for s in shards] == ["00000.tar", "00001.tar"] and shards[0].format == "webdataset"
+    first = read_shard(fs, shards[0], config).to_pylist()
+    assert [(r["id"], r["question"], r["error"]) for r in first] == [("s/000", None, None), ("s/001", "How many?", None)]
+    assert first[0]["image"] == samples["s/000.jpg"]
+    lonely = read_shard(fs, shards[1], config).to_pylist()
+    assert lonely[0]["id"] == "lonely" and "no image" in lonely[0]["error"]
+
+
+def test_image_folder_ids_are_relative_paths_and_shards_are_chunks(tmp_path):
+    for i, data in enumerate(good_images(5)):
+        (tmp_path / ("deep" if i % 2 else ".")).mkdir(exist_ok=True)
+        (tmp_path / ("deep" if i % 2 else ".") / f"img{i}.jpg").write_bytes(data)
+    (tmp_path / "notes.txt").write_text("ignored")
+    fs, shards, config = _shards(str(tmp_path), images_per_shard=2)
+    assert [s.name for s in shards] == ["images-00000", "images-00001", "images-00002"]
+    ids = [i for s in shards for i in read_shard(fs, s, config).column("id").to_pylist()]
+    assert sorted(ids) == ["deep/img1.jpg", "deep/img3.jpg", "img0.jpg", "img2.jpg", "img4.jpg"]
+
+
+def test_format_override_and_single_file_input(tmp_path):
+    write_parquet_shard(tmp_path / "only.parquet", {"a": good_images(1)[0]})
+    fs, shards, _ = _shards(str(tmp_path / "only.parquet"))
+    assert [s.name for s in shards] == ["only.parquet"]
+    with pytest.raises(ConfigError, match="empty"):
+        _shards(str(tmp_path), format="webdataset")
+
+
+def test_missing_input_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        _shards(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("name", sorted(odd_images()))
+def test_odd_images_become_rgb(name):
+    image = to_rgb(odd_images()[name])
+    assert image.mode == "RGB" and image.size[0] >= 1
+
+
+def test_sixteen_bit_keeps_its_range_and_alpha_goes_over_white():
+    gray = to_rgb(odd_images()["gray16.png"])
+    assert max(gray.getextrema()[0]) > 200  # not clipped to the low byte, not all black
+    assert to_rgb(odd_images()["alpha.png"]).getpixel((0, 0)) == (255, 127, 127)
+
+
+@pytest.mark.parametrize("name", sorted(bad_images()))
+def test_bad_images_raise(name):
+    with pytest.raises(Exception):
+        to_rgb(bad_images()[name])
+
+
+def test_prepare_turns_each_row_into_tensors_or_an_error(tmp_path):
+    model = str(save_test_model(tmp_path / "model"))
+    samples = {**odd_images(), **bad_images(), "good.jpg": good_images(1)[0]}
+    source = pa.table({"id": list(samples), "shard": ["s"] * len(samples), "shard_rows": [len(samples)] * len(samples),
+                       "image": list(samples.values()), "question": ["Own?"] + [None] * (len(samples) - 1),
+                       "error": [None] * len(samples)}, schema=SOURCE_SCHEMA)
+    for task in ("caption", "vqa"):
+        out = prepare(source, JobConfig(task=task, model=model, question="Default?"))
+        assert out.schema == PREPARED_SCHEMA and out.num_rows == len(samples)
+        rows = {r["id"]: r for r in out.to_pylist()}
+        for name in bad_images():
+            assert rows[name]["error"].startswith("cannot decode image") and rows[name]["inputs"] is None
+        for name in [*odd_images(), "good.jpg"]:
+            arrays = unpack(rows[name]["inputs"])
+            assert rows[name]["error"] is None and arrays["pixel_values"].shape == (3, 112, 112)
+            assert (arrays["input_ids"] == load_processor(model).tokenizer.convert_tokens_to_ids("<image>")).sum() == 64
+        questions = [r["question"] for r in out.to_pylist()]
+        assert questions == ([None] * len(samples) if task == "caption" else ["Own?"] + ["Default?"] * (len(samples) - 1))
