@@ -1,0 +1,59 @@
+"""Reduction methods: one small file each, registered by name.
+
+A method says where it acts (tower layers after which `reduce_vision` runs, LLM layers before which
+`reduce_llm` runs, and which share of the reduction the tower does) and composes scores + stages there.
+It never touches masks, positions or caches: the runtime does, the same way for every method.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from ..shape import ModelShape
+from ..step import Reduction, Step
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+class Method:
+    """Base of every method. Subclasses are dataclasses whose fields are the method's hyperparameters."""
+    name: ClassVar[str]
+    vision_share: float = 0.0  # share of the reduction (full -> budget) done inside the vision tower
+
+    def vision_sites(self, shape: ModelShape) -> list[int]:
+        """Tower layers after which `reduce_vision` runs (ascending)."""
+        return []
+
+    def llm_sites(self, shape: ModelShape) -> list[int]:
+        """LLM layers before which `reduce_llm` runs (ascending, >= 1: scores come from the layer before)."""
+        return []
+
+    def reduce_vision(self, step: Step) -> Reduction:
+        raise TypeError(f"{self.name} declares no vision sites")
+
+    def reduce_llm(self, step: Step) -> Reduction:
+        raise TypeError(f"{self.name} declares no LLM sites")
+
+
+def register(name: str):
+    """Class decorator: make a Method available under `name` (a dataclass of its hyperparameters)."""
+    def add(cls):
+        cls = dataclasses.dataclass(cls)
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return add
+
+
+def create(name: str, **params) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown reduction method {name!r}; available: {', '.join(sorted(METHODS))}")
+    fields = {f.name for f in dataclasses.fields(METHODS[name])}
+    unknown = set(params) - fields
+    if unknown:
+        raise ValueError(f"{name} has no parameter(s) {sorted(unknown)}; its parameters: {sorted(fields) or 'none'}")
+    return METHODS[name](**params)
+
+
+# importing registers them
+from . import fastv, ficoco_l, ficoco_v, ficoco_vl, none, random, visionzip  # noqa: E402,F401

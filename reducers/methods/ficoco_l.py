@@ -1,0 +1,38 @@
+"""FiCoCo-L (seeds 000/003): filter-correlate-compress once, at LLM layer K, on each row's visual span.
+
+Attention is read at layer K-1 (causal). A[i, j] is how much query i attends to key j:
+  filter     s_i = beta * mean_{j in visual} A[i, j] - (1 - beta) * mean_{k in text} A[k, i]
+             (visual token i attending to other visual tokens, minus the text attending to i); discard the highest s
+  correlate  C_ij = gamma * A[i, j] + (1 - gamma) * mean_{k in text} A[k, i] * A[k, j]
+             (direct, plus via the text rows that see both: a visual token cannot attend to later text)
+  compress   the self-preserving average, with its denominator.
+The text rows are the prompt tokens after the image. Default K = the 4th layer (index 3 of 32).
+"""
+from ..scores import candidate_attention, masked_mean, text_attention
+from ..stages import gather_rows, merge_self_preserving, quantile_targets, split
+from ..step import Reduction, Step
+from . import Method, register
+
+
+@register("ficoco-l")
+class FiCoCoL(Method):
+    layer: float = 3 / 32    # relative depth of K
+    beta: float = 0.6
+    gamma: float = 0.6
+    eps: float = 0.998
+
+    def llm_sites(self, shape):
+        return [shape.llm_layer(self.layer)]
+
+    def reduce_llm(self, step: Step) -> Reduction:
+        visual = candidate_attention(step)  # [N, V, V]
+        text, text_valid = text_attention(step)  # [N, T, V]
+        attended = masked_mean(text, text_valid[..., None], 1)  # [N, V]
+        redundancy = self.beta * masked_mean(visual, step.cand_valid[:, None, :], -1) - (1 - self.beta) * attended
+        parts = split(step, -redundancy)
+        via_text = text.transpose(1, 2) @ text / text_valid.sum(1).clamp(min=1)[:, None, None]  # [N, V, V]
+        corr_all = self.gamma * visual + (1 - self.gamma) * via_text
+        corr = gather_rows(gather_rows(corr_all, parts.dropped).transpose(1, 2), parts.kept).transpose(1, 2)
+        alpha = quantile_targets(corr, parts, self.eps)
+        hidden = step.hidden_cand
+        return parts.reduction(merge_self_preserving(gather_rows(hidden, parts.kept), gather_rows(hidden, parts.dropped), alpha))

@@ -1,0 +1,33 @@
+"""FiCoCo-V (seeds 000/003): filter-correlate-compress inside the CLIP vision tower.
+
+From the middle of the tower to the feature layer, each layer removes a share of the patches:
+  filter     s_i = lam * mean_j A_ij - (1 - lam) * A_cls,i, with the 2x2 local penalty; discard the highest s
+  correlate  C_ij = A_ij; discarded i targets the kept j with C_ij >= the eps-quantile of its row
+  compress   self-preserving average: x_j <- (x_j + sum_i a_ij x_i) / (1 + sum_i a_ij)
+Kept patches stay in spatial order and CLS stays first (the runtime keeps it out of the candidates).
+"""
+from ..scores import candidate_attention, cls_attention, masked_mean
+from ..stages import gather_rows, local_penalty, merge_self_preserving, quantile_targets, split
+from ..step import Reduction, Step
+from . import Method, register
+
+
+@register("ficoco-v")
+class FiCoCoV(Method):
+    lam: float = 0.35        # weight of the patch-to-patch term (the paper's lambda)
+    eps: float = 0.998       # quantile of a discarded token's correlations that makes a target
+    start: float = 0.5       # relative tower depth of the first reduction layer (12th of 24 in CLIP ViT-L)
+    penalty: float = 2.0     # local penalty factor on each 2x2 window's maximum
+    vision_share: float = 1.0
+
+    def vision_sites(self, shape):
+        return list(range(shape.vision_layer(self.start), shape.feature_layers))
+
+    def reduce_vision(self, step: Step) -> Reduction:
+        attn = candidate_attention(step)  # [N, V, V]
+        redundancy = self.lam * masked_mean(attn, step.cand_valid[:, None, :], -1) - (1 - self.lam) * cls_attention(step)
+        parts = split(step, -local_penalty(redundancy, step, self.penalty))
+        corr = gather_rows(gather_rows(attn, parts.dropped).transpose(1, 2), parts.kept).transpose(1, 2)  # [N, R, K]
+        alpha = quantile_targets(corr, parts, self.eps)
+        hidden = step.hidden_cand
+        return parts.reduction(merge_self_preserving(gather_rows(hidden, parts.kept), gather_rows(hidden, parts.dropped), alpha))

@@ -1,0 +1,499 @@
+"""The plumbing every method shares; the only file that touches transformers internals.
+
+Hooks (no forked modeling file, SDPA kept) on an unmodified LlavaForConditionalGeneration /
+LlavaNextForConditionalGeneration:
+
+- vision tower: after each vision site layer the method's `reduce_vision` shortens the crops' sequences
+  (CLS stays first); crops that keep different counts are padded and later tower layers get a key mask.
+  At the tower's output the selected feature layer is scattered back to the full patch grid, so LLaVA's
+  own projector and AnyRes packing run unchanged; the dropped placeholders are removed at the LLM input
+  ("as if the processor had emitted fewer <image> tokens": positions are renumbered).
+- LLM input: the prompt is re-packed (left padding) without the dropped placeholders; the runtime owns the
+  2-D masks and positions from here on, also during decoding, where `generate` still counts the
+  original prompt length.
+- decoder layers: before each LLM site layer K the method's `reduce_llm` picks (and may merge) visual
+  tokens, scored from the q / k captured at layer K-1; hidden states and RoPE tables are gathered per
+  row (original positions kept), and layers >= K get their own cache layout: each layer's mask is built by
+  transformers' `create_causal_mask` from that layout's 2-D mask, sized from that layer's cache.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from . import budget
+from .methods import Method
+from .shape import ModelShape
+from .stages import gather_rows, pack, scatter_rows
+from .step import Reduction, Step
+
+
+@dataclass
+class Layout:
+    """The cache layout shared by a run of LLM layers: what each entry is, per row."""
+    valid: Tensor       # [B, S] real entries (False: padding)
+    visual: Tensor      # [B, S] visual entries
+    positions: Tensor   # [B, S] RoPE position of each entry
+    rope: tuple[Tensor, Tensor] | None = None  # prefill (cos, sin) [B, S, d]; None: the LLM's own tables
+    mask: object = None                        # the 4-D mask built for the current forward
+    mask_forward: int = -1
+
+
+@dataclass
+class Images:
+    """The images of a batch: per image its full count and budget, per crop its share, and what survived."""
+    full: Tensor                # [I] placeholder (= full visual token) count
+    budget: Tensor              # [I] layer-averaged budget N
+    placeholder_patch: Tensor   # [sum(full)] crop * P + patch of each placeholder, -1 for a NeXT newline
+    crop_eligible: Tensor       # [C, P] patches that reach the LLM at all (AnyRes unpadding removes some)
+    crop_keep: Tensor           # [C] patches each crop hands the LLM
+    placeholder_keep: Tensor | None = None  # [sum(full)] placeholders that survive the tower
+    vision_tokens: list[tuple[int, int]] = field(default_factory=list)  # (from tower layer, total tokens)
+    seconds: float = 0.0        # tower time (generate runs the tower before the first forward)
+    scoring_seconds: float = 0.0
+
+
+@dataclass
+class Tower:
+    """The crops' sequences inside the vision tower while sites shorten them."""
+    slots: Tensor               # [C, T] patch index of each token (-1: CLS)
+    valid: Tensor | None        # [C, T] (None: all real)
+    targets: list[Tensor]       # per site, [C] patches kept after it
+    site: int = 0
+
+
+@dataclass
+class Pass:
+    """State of one generate call (or one plain forward), from prefill to the last decode step."""
+    image_mask: Tensor                  # [B, S_in] <image> placeholders of the prompt
+    prompt_tokens: Tensor               # [B]
+    images: Images | None = None
+    llm_keep: dict[int, Tensor] = field(default_factory=dict)  # LLM site -> [B] visual tokens kept from there on
+    kv: list[Layout] = field(default_factory=list)  # per LLM layer
+    next_position: Tensor | None = None  # [B]
+    prefill: bool = True
+    forward: int = 0
+    step: int = 0
+    score_rope: tuple[Tensor, Tensor] | None = None
+    stats: dict = field(default_factory=dict)
+    timer: float = 0.0
+
+
+class Runtime:
+    """Attaches one method at one budget to one model; `remove()` takes every hook away again."""
+
+    def __init__(self, model: nn.Module, method: Method, visual_tokens: int | None, ratio: float | None):
+        self.model, self.method = model, method
+        self.visual_tokens, self.ratio = visual_tokens, ratio
+        self.shape = ModelShape.from_config(model.config)
+        self.base = model.model
+        self.tower_module = self.base.vision_tower
+        self.lm = self.base.language_model
+        self.vision_sites = method.vision_sites(self.shape) if method.vision_share > 0 else []
+        self.llm_sites = method.llm_sites(self.shape)
+        self.pass_: Pass | None = None
+        self.images: Images | None = None  # set by the tower run, taken by the next prefill
+        self.tower: Tower | None = None
+        self.captured: dict[str, Tensor] = {}  # "q{l}" / "k{l}": projections captured at a scoring layer
+        self.stats: dict = {}
+        self._handles: list = []
+        self._install()
+
+    # ----------------------------------------------------------------- hooks
+
+    def _install(self) -> None:
+        add = self._handles.append
+        self._wrap_image_features()
+        add(self.base.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        add(self.base.register_forward_hook(self._end_forward))
+        add(self.lm.register_forward_pre_hook(self._enter_llm, with_kwargs=True))
+        add(self.lm.register_forward_hook(self._leave_llm))
+        if self.vision_sites:
+            add(self.tower_module.register_forward_pre_hook(self._enter_tower))
+            add(self.tower_module.register_forward_hook(self._leave_tower))
+            for j, layer in enumerate(self.tower_module.encoder.layers):
+                add(layer.register_forward_pre_hook(self._tower_layer_mask))
+                if j in self.vision_sites:
+                    self._capture_qk(layer.self_attn, j)
+                    # prepend: shorten the output before transformers records it as a hidden state
+                    add(layer.register_forward_hook(self._vision_site_hook(j), prepend=True))
+        if self.llm_sites:
+            for l, layer in enumerate(self.lm.layers):
+                add(layer.register_forward_pre_hook(self._decoder_layer_hook(l), with_kwargs=True))
+                if l + 1 in self.llm_sites:
+                    self._capture_qk(layer.self_attn, l)
+
+    def _capture_qk(self, attn: nn.Module, layer: int) -> None:
+        def keep(name):
+            def hook(module, args, output):
+                if self.tower is not None or (self.pass_ is not None and self.pass_.prefill):
+                    self.captured[f"{name}{layer}"] = output
+            return hook
+        self._handles.append(attn.q_proj.register_forward_hook(keep("q")))
+        self._handles.append(attn.k_proj.register_forward_hook(keep("k")))
+
+    def _wrap_image_features(self) -> None:
+        """generate runs the tower before the first forward: wrap the model's get_image_features (per instance)."""
+        original = self.base.get_image_features
+
+        @functools.wraps(original)
+        def get_image_features(pixel_values, *args, image_sizes=None, **kwargs):
+            start = _now(self.model)
+            self.images = self._locate_images(pixel_values, image_sizes)
+            output = original(pixel_values, *args, image_sizes=image_sizes, **kwargs) if image_sizes is not None \
+                else original(pixel_values, *args, **kwargs)
+            self.images.seconds = _now(self.model) - start
+            return output
+        self.base.get_image_features = get_image_features
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        del self.base.get_image_features  # back to the class's method
+        self.pass_ = self.images = self.tower = None
+
+    # ------------------------------------------------------- whole forward
+
+    def _begin_forward(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() == 0:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)  # LLaVA-NeXT passes it positionally
+            if input_ids is None:
+                raise ValueError("trimlens reducers need input_ids (with the <image> placeholders), not inputs_embeds")
+            self.pass_ = self._new_pass(input_ids, kwargs.get("attention_mask"))
+        elif self.pass_ is None:
+            raise RuntimeError("a decode step arrived without its prefill; attach before calling generate")
+        self.pass_.forward += 1
+        self.pass_.timer = _now(module)
+
+    def _end_forward(self, module, args, output):
+        p = self.pass_
+        elapsed = _now(module) - p.timer
+        key = "prefill_seconds" if p.forward == 1 else "decode_seconds"
+        p.stats[key] += elapsed
+        self.stats = p.stats
+
+    def _new_pass(self, input_ids: Tensor, attention_mask: Tensor | None) -> Pass:
+        image_mask = input_ids == self.model.config.image_token_id  # [B, S]
+        prompt = attention_mask.sum(1) if attention_mask is not None else torch.full_like(input_ids[:, 0], input_ids.shape[1])
+        full_row = image_mask.sum(1)
+        stats = {"method": self.method.name, "rows": image_mask.shape[0], "prompt_tokens": prompt.tolist(),
+                 "visual_tokens_in": full_row.tolist(), "visual_tokens_budget": full_row.tolist(),
+                 "decode_steps": 0, "scoring_seconds": 0.0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
+                 "kv_bytes_peak": 0, "dtype_bytes": self.lm.dtype.itemsize}
+        return Pass(image_mask=image_mask, prompt_tokens=prompt, stats=stats)
+
+    def _take_images(self, image_mask: Tensor) -> None:
+        """Bind the images the tower just ran on to the prompt's rows; set the LLM sites' keep counts."""
+        p, images = self.pass_, self.images
+        self.images = None
+        if images is None or not image_mask.any():
+            return
+        if int(images.full.sum()) != int(image_mask.sum()):
+            raise ValueError(f"the prompt has {int(image_mask.sum())} <image> placeholders but the images need "
+                             f"{int(images.full.sum())}; pass the processor's output unchanged")
+        # placeholders are filled in row-major order: image i starts at its first placeholder
+        starts = torch.cumsum(images.full, 0) - images.full
+        image_row = image_mask.nonzero()[:, 0].cpu()[starts]
+        full_row = image_mask.sum(1).cpu()
+        budget_row = torch.zeros_like(full_row).index_add_(0, image_row, images.budget)
+        entering = torch.zeros_like(full_row).index_add_(0, image_row, self._vision_target(images))
+        if self.llm_sites:
+            self._check_llm_budget(entering, budget_row)
+            counts = budget.llm_counts(entering, budget_row, self.llm_sites, self.shape.llm_layers)
+            p.llm_keep = dict(zip(self.llm_sites, counts))
+        p.images = images
+        p.stats["visual_tokens_budget"] = budget_row.tolist()
+        p.stats["prefill_seconds"] += images.seconds
+        p.stats["scoring_seconds"] += images.scoring_seconds
+
+    def _vision_target(self, images: Images) -> Tensor:
+        return budget.vision_target(images.full, images.budget, self.method.vision_share)
+
+    def _check_llm_budget(self, entering: Tensor, budget_row: Tensor) -> None:
+        first, layers = self.llm_sites[0], self.shape.llm_layers
+        short = budget_row * layers < first * entering
+        if short.any():
+            row = int(short.nonzero()[0])
+            smallest = budget.smallest_llm_budget(int(entering[row]), first, layers)
+            raise ValueError(f"{self.method.name} prunes first at LLM layer {first} of {layers}, so it cannot average "
+                             f"below {first}/{layers} of the {int(entering[row])} visual tokens it receives: the smallest "
+                             f"budget it can meet for this image is {smallest} (asked {int(budget_row[row])})")
+
+    # --------------------------------------------------------------- images
+
+    def _locate_images(self, pixel_values: Tensor, image_sizes: Tensor | None) -> Images:
+        """Per image: full count and budget; per placeholder: which crop patch fills it; per crop: its share."""
+        patches = self.shape.patches
+        if self.shape.family == "llava":
+            n_images = pixel_values.shape[0]
+            full = torch.full((n_images,), patches, dtype=torch.long)
+            placeholder_patch = torch.arange(n_images * patches)
+            crops_per_image = torch.ones(n_images, dtype=torch.long)
+        else:
+            placeholder_patch, full, crops_per_image = self._next_layout(image_sizes)
+        no_budget = self.visual_tokens is None and self.ratio is None  # `none`: nothing is cut
+        budget_ = full.clone() if no_budget else budget.resolve(full, self.visual_tokens, self.ratio)
+        eligible = torch.zeros(int(crops_per_image.sum()) * patches, dtype=torch.bool)
+        eligible[placeholder_patch[placeholder_patch >= 0]] = True
+        eligible = eligible.view(-1, patches)
+        image_of_placeholder = torch.repeat_interleave(torch.arange(len(full)), full)
+        newlines = torch.zeros_like(full).index_add_(0, image_of_placeholder, (placeholder_patch < 0).long())
+        to_keep = budget.vision_target(full, budget_, self.method.vision_share) - newlines
+        if (to_keep < 0).any():
+            i = int((to_keep < 0).nonzero()[0])
+            raise ValueError(f"the budget {int(budget_[i])} is below the {int(newlines[i])} row-separator tokens "
+                             f"LLaVA-NeXT adds for this image; use at least {int(newlines[i]) + 1}")
+        crop_image = torch.repeat_interleave(torch.arange(len(full)), crops_per_image)
+        crop_keep = budget.split_by_weight(to_keep, eligible.sum(1), crop_image)
+        return Images(full, budget_, placeholder_patch, eligible, crop_keep)
+
+    def _next_layout(self, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Run LLaVA-NeXT's own AnyRes packing on patch indices to learn where each patch lands."""
+        config, patches = self.model.config, self.shape.patches
+        crops = torch.tensor([image_size_to_num_patches(size, config.image_grid_pinpoints,
+                                                        config.vision_config.image_size) for size in image_sizes.tolist()])
+        first = torch.cumsum(crops, 0) - crops
+        index = [(torch.arange(n * patches, dtype=torch.float32) + f * patches).view(n, patches, 1)
+                 for n, f in zip(crops.tolist(), first.tolist())]
+        packed, lengths = self.base.pack_image_features(index, image_sizes.cpu(), "default", torch.tensor([-1.0]))
+        return torch.cat(packed).view(-1).long(), lengths.cpu().long(), crops
+
+    # ---------------------------------------------------------- vision tower
+
+    def _enter_tower(self, module, args):
+        crops, images = args[0].shape[0], self.images
+        if images is None or images.crop_keep.shape[0] != crops:
+            raise RuntimeError("the vision tower ran outside get_image_features; trimlens cannot place its crops")
+        eligible = images.crop_eligible.sum(1)
+        slots = torch.arange(-1, self.shape.patches, device=args[0].device).expand(crops, -1)
+        self.tower = Tower(slots=slots,
+                           valid=None, targets=budget.linear_steps(eligible, images.crop_keep, len(self.vision_sites)))
+        images.vision_tokens = [(0, crops * (self.shape.patches + 1))]
+
+    def _tower_layer_mask(self, module, args):
+        tower = self.tower
+        if tower is None or tower.valid is None:
+            return None
+        return (args[0], tower.valid[:, None, None, :]) + tuple(args[2:])  # key mask for ragged crops
+
+    def _vision_site_hook(self, layer: int):
+        def hook(module, args, output):
+            return self._reduce_tower(layer, output)
+        return hook
+
+    def _reduce_tower(self, layer: int, hidden: Tensor) -> Tensor:
+        """Shorten the crops after tower layer `layer`. Only patches that reach the LLM are candidates: CLS
+        and the patches AnyRes unpadding drops stay as context, so the tower computes what it did before."""
+        images, tower = self.images, self.tower
+        attn = self.tower_module.encoder.layers[layer].self_attn
+        crops, length, _ = hidden.shape
+        q = self.captured.pop(f"q{layer}").view(crops, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = self.captured.pop(f"k{layer}").view(crops, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        valid = tower.valid if tower.valid is not None else torch.ones(crops, length, dtype=torch.bool, device=hidden.device)
+        eligible = torch.cat([images.crop_eligible, images.crop_eligible[:, :1] & False], 1).to(hidden.device)
+        is_cand = valid & eligible.gather(1, tower.slots.masked_fill(tower.slots < 0, eligible.shape[1] - 1))
+        cand, cand_valid = pack(is_cand)
+        step = Step(hidden=hidden, q=q, k=k, key_valid=valid, cand=cand, cand_valid=cand_valid,
+                    keep=tower.targets[tower.site].to(hidden.device), causal=False, grid=self.shape.grid,
+                    slots=tower.slots.gather(1, cand), layer=layer)
+        start = _now(self.model)
+        with torch.no_grad():
+            reduction = self.method.reduce_vision(step)
+        images.scoring_seconds += _now(self.model) - start
+        kept_pos = cand.gather(1, reduction.kept)  # [C, K] sequence positions
+        if reduction.hidden is not None:
+            hidden = scatter_rows(hidden, kept_pos, reduction.hidden, reduction.kept_valid)
+        keep = scatter_rows(valid & ~is_cand, kept_pos, reduction.kept_valid, reduction.kept_valid)
+        index, new_valid = pack(keep)  # order-preserving: CLS stays first
+        tower.slots = tower.slots.gather(1, index)
+        tower.valid = None if bool(new_valid.all()) else new_valid
+        tower.site += 1
+        images.vision_tokens.append((layer + 1, int(new_valid.sum())))
+        return gather_rows(hidden, index)
+
+    def _leave_tower(self, module, args, output):
+        """Scatter the feature layer back onto the full patch grid; record which patches survive."""
+        images, tower = self.images, self.tower
+        index = self.shape.feature_layers
+        features = output.hidden_states[index]  # [C, 1+K, D]
+        crops, _, dim = features.shape
+        patches = self.shape.patches
+        valid = tower.valid if tower.valid is not None else torch.ones_like(tower.slots, dtype=torch.bool)
+        slot = (tower.slots + 1).masked_fill(~valid, patches + 1)  # CLS -> 0; padding -> a spare row, cut below
+        full = features.new_zeros(crops, patches + 2, dim)
+        full.scatter_(1, slot[..., None].expand(-1, -1, dim), features)
+        states = list(output.hidden_states)
+        states[index] = full[:, :patches + 1]
+        output.hidden_states = tuple(states)
+        kept_patch = torch.zeros(crops, patches + 2, dtype=torch.bool, device=features.device)
+        kept_patch.scatter_(1, slot, valid)
+        flat = kept_patch[:, 1:patches + 1].reshape(-1).cpu()
+        where = images.placeholder_patch
+        images.placeholder_keep = (where < 0) | flat[where.clamp(min=0)]
+        self.tower = None
+        return output
+
+    # -------------------------------------------------------------- LLM input
+
+    def _enter_llm(self, module, args, kwargs):
+        p = self.pass_
+        if p.prefill:
+            self._prepare_prefill(kwargs)
+        else:
+            self._prepare_decode(kwargs)
+        return args, kwargs
+
+    def _prepare_prefill(self, kwargs) -> None:
+        p = self.pass_
+        self._take_images(p.image_mask)
+        embeds = kwargs["inputs_embeds"]  # [B, S, D]
+        rows, length = embeds.shape[:2]
+        mask2d = kwargs.get("attention_mask")
+        valid = mask2d.bool() if mask2d is not None else torch.ones(rows, length, dtype=torch.bool, device=embeds.device)
+        visual = p.image_mask.to(embeds.device)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        positions = positions.expand(rows, -1)
+        survivors = p.images.placeholder_keep if p.images is not None else None
+        if survivors is not None and not bool(survivors.all()):
+            keep = valid.clone()
+            keep[visual] = survivors.to(embeds.device)
+            index, valid = _pack_right(keep & valid)
+            embeds, visual = gather_rows(embeds, index), visual.gather(1, index) & valid
+            positions = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)  # as if fewer placeholders were sent
+            kwargs["inputs_embeds"] = embeds
+        kwargs["attention_mask"] = valid
+        kwargs["position_ids"] = positions
+        layout = Layout(valid=valid, visual=visual, positions=positions)
+        p.kv = [layout] * self.shape.llm_layers
+        p.next_position = positions.masked_fill(~valid, -1).amax(1) + 1
+
+    def _prepare_decode(self, kwargs) -> None:
+        p = self.pass_
+        p.step += 1
+        rows = p.next_position.shape[0]
+        new_position = (p.next_position + p.step - 1)[:, None]  # [B, 1]
+        for layout in {id(l): l for l in p.kv}.values():
+            layout.valid = torch.cat([layout.valid, layout.valid.new_ones(rows, 1)], 1)
+            layout.visual = torch.cat([layout.visual, layout.visual.new_zeros(rows, 1)], 1)
+            layout.positions = torch.cat([layout.positions, new_position], 1)
+            layout.rope = None
+        kwargs["attention_mask"] = p.kv[0].valid
+        kwargs["position_ids"] = new_position
+
+    def _leave_llm(self, module, args, output):
+        p = self.pass_
+        if p.prefill:
+            p.prefill = False
+            self.captured.clear()
+            p.stats.update(self._prefill_counts())
+        else:
+            p.stats["decode_steps"] = p.step
+        p.stats["kv_entries_end"] = [layout.valid.sum(1).tolist() for layout in p.kv]
+        allocated = sum(layout.valid.numel() for layout in p.kv)  # entries held per layer, padding included
+        config = self.lm.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_bytes = allocated * 2 * config.num_key_value_heads * head_dim * self.lm.dtype.itemsize
+        p.stats["kv_bytes_peak"] = max(p.stats["kv_bytes_peak"], kv_bytes)
+        return None
+
+    def _prefill_counts(self) -> dict:
+        p = self.pass_
+        visual = torch.stack([layout.visual.sum(1) for layout in p.kv])  # [L, B]
+        tokens = torch.stack([layout.valid.sum(1) for layout in p.kv])
+        vision = [0] * self.shape.vision_layers
+        if p.images is not None:
+            crops = int(p.images.crop_keep.shape[0])
+            marks = p.images.vision_tokens or [(0, crops * (self.shape.patches + 1))]
+            vision = [next(total for start, total in reversed(marks) if start <= j) for j in range(len(vision))]
+        return {"visual_tokens_per_layer": visual.tolist(), "tokens_per_layer": tokens.tolist(),
+                "visual_tokens_avg": visual.double().mean(0).tolist(), "kv_entries_prefill": tokens.tolist(),
+                "vision_tokens_per_layer": vision,
+                "num_crops": int(p.images.crop_keep.shape[0]) if p.images is not None else 0}
+
+    # ---------------------------------------------------------- decoder layers
+
+    def _decoder_layer_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            return self._before_decoder_layer(layer, args, kwargs)
+        return hook
+
+    def _before_decoder_layer(self, layer: int, args, kwargs):
+        p = self.pass_
+        if p is None:
+            return None
+        hidden = args[0]
+        if p.prefill and layer + 1 in self.llm_sites:
+            p.score_rope = p.kv[layer].rope or kwargs["position_embeddings"]
+        if p.prefill and layer in self.llm_sites and p.images is not None:
+            hidden = self._reduce_llm(layer, hidden, kwargs)
+        layout = p.kv[layer]
+        if layout is p.kv[0]:
+            return (hidden, *args[1:]), kwargs
+        if layout.mask_forward != p.forward:
+            layout.mask = create_causal_mask(config=self.lm.config, inputs_embeds=hidden, attention_mask=layout.valid,
+                                             past_key_values=kwargs.get("past_key_values"), layer_idx=layer)
+            layout.mask_forward = p.forward
+        kwargs["attention_mask"] = layout.mask
+        if p.prefill:
+            kwargs["position_embeddings"] = layout.rope
+            kwargs["position_ids"] = layout.positions
+        return (hidden, *args[1:]), kwargs
+
+    def _reduce_llm(self, layer: int, hidden: Tensor, kwargs) -> Tensor:
+        p = self.pass_
+        before = p.kv[layer - 1]
+        attn = self.lm.layers[layer - 1].self_attn
+        rows, length, _ = hidden.shape
+        q = self.captured.pop(f"q{layer - 1}").view(rows, length, -1, attn.head_dim).transpose(1, 2)
+        k = self.captured.pop(f"k{layer - 1}").view(rows, length, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *p.score_rope)
+        cand, cand_valid = pack(before.visual)
+        step = Step(hidden=hidden, q=q, k=k, key_valid=before.valid, cand=cand, cand_valid=cand_valid,
+                    keep=p.llm_keep[layer].to(hidden.device), causal=True, text=before.valid & ~before.visual,
+                    layer=layer)
+        reduction: Reduction = self._timed(self.method.reduce_llm, step)
+        kept_pos = cand.gather(1, reduction.kept)  # [B, K]
+        if reduction.hidden is not None:
+            hidden = scatter_rows(hidden, kept_pos, reduction.hidden, reduction.kept_valid)
+        keep = scatter_rows(before.valid & ~before.visual, kept_pos, reduction.kept_valid, reduction.kept_valid)
+        index, valid = _pack_right(keep)
+        cos, sin = before.rope or kwargs["position_embeddings"]
+        after = Layout(valid=valid, visual=before.visual.gather(1, index) & valid,
+                       positions=before.positions.gather(1, index),
+                       rope=(gather_rows(cos, index), gather_rows(sin, index)))
+        p.kv[layer:] = [after] * (self.shape.llm_layers - layer)
+        return gather_rows(hidden, index)
+
+    def _timed(self, fn, step: Step) -> Reduction:
+        start = _now(self.model)
+        with torch.no_grad():
+            result = fn(step)
+        self.pass_.stats["scoring_seconds"] += _now(self.model) - start
+        return result
+
+
+def _pack_right(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of each row's kept entries, in order, right-aligned (left padding): [B, W] + validity."""
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)
+    width = int(keep.sum(1).max())
+    index = order[:, order.shape[1] - width:]
+    return index, keep.gather(1, index)
+
+
+def _now(module: nn.Module) -> float:
+    """Wall time, after the device has finished queued work (so GPU timings are real)."""
+    device = next(module.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

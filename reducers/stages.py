@@ -1,0 +1,135 @@
+"""The shared filter / correlate / compress building blocks (seed 003's vocabulary).
+
+filter: choose which candidates to keep (`split`, `local_penalty`); correlate: link each discarded
+candidate to kept ones (`quantile_targets`, `nearest_targets`); compress: fold the discarded into their
+targets (`merge_self_preserving`, `average_groups`). Everything works on padded per-row candidate
+tensors [N, V] with a validity mask, so rows (prompts or image crops) never influence each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .step import Reduction, Step
+
+
+@dataclass
+class Split:
+    """Kept and discarded candidates, each as ascending candidate indices [N, K] / [N, R] with validity."""
+    kept: Tensor
+    kept_valid: Tensor
+    dropped: Tensor
+    dropped_valid: Tensor
+
+    def reduction(self, hidden: Tensor | None = None) -> Reduction:
+        return Reduction(self.kept, self.kept_valid, hidden)
+
+
+def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the True entries of each row, ascending, padded to the longest row: [N, K] + validity."""
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    width = int(mask.sum(1).max()) if mask.numel() else 0
+    return order[:, :width], mask.gather(1, order[:, :width])
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [N, V, ...] at per-row indices [N, K] -> [N, K, ...]."""
+    return x.gather(1, index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
+
+
+def scatter_rows(base: Tensor, index: Tensor, values: Tensor, valid: Tensor) -> Tensor:
+    """base [N, S, ...] with values [N, K, ...] written at per-row indices [N, K] where `valid`, others untouched.
+
+    Padded entries write into a spare row that is cut off, so they can never overwrite a real write.
+    """
+    spare = base.shape[1]
+    buffer = torch.cat([base, base[:, :1]], 1)
+    index = index.masked_fill(~valid, spare)
+    buffer = buffer.scatter(1, index.reshape(*index.shape, *([1] * (base.dim() - 2))).expand(*values.shape), values)
+    return buffer[:, :spare]
+
+
+def split(step: Step, keep_score: Tensor, keep: Tensor | None = None) -> Split:
+    """filter: keep the `keep` [N] (default step.keep) candidates with the highest `keep_score` [N, V].
+
+    Ties go to the earlier candidate (stable sort), so results are deterministic.
+    """
+    keep = step.keep if keep is None else keep
+    score = keep_score.float().masked_fill(~step.cand_valid, float("-inf"))
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices  # [N, V]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    kept_mask = (rank < keep[:, None]) & step.cand_valid
+    kept, kept_valid = pack(kept_mask)
+    dropped, dropped_valid = pack(step.cand_valid & ~kept_mask)
+    return Split(kept, kept_valid, dropped, dropped_valid)
+
+
+def local_penalty(score: Tensor, step: Step, factor: float = 2.0) -> Tensor:
+    """Double the highest score in each 2x2 window of the patch grid (spreads discards over the image).
+
+    Scores are shifted to be non-negative first so that doubling always raises the window maximum.
+    """
+    h, w = step.grid
+    n = score.shape[0]
+    shifted = (score - score.masked_fill(~step.cand_valid, float("inf")).amin(1, keepdim=True)).clamp(min=0)
+    slots = step.slots.masked_fill(~step.cand_valid, h * w)  # padded candidates write to a spare cell
+    grid = torch.full((n, h * w + 1), -1.0, device=score.device)  # -1: patch already removed
+    grid.scatter_(1, slots, shifted.float())
+    _, argmax = F.max_pool2d(grid[:, :h * w].view(n, 1, h, w), 2, ceil_mode=True, return_indices=True)
+    boost = torch.ones(n, h * w + 1, device=score.device).scatter_(1, argmax.view(n, -1), factor)
+    return shifted * boost.gather(1, slots) * step.cand_valid
+
+
+def quantile_targets(corr: Tensor, split_: Split, eps: float) -> Tensor:
+    """correlate: each discarded i targets the kept j with corr[i, j] >= the eps-quantile of its row.
+
+    corr [N, R, K] (discarded x kept); returns weights alpha [N, R, K] summing to 1 over each row's targets.
+    """
+    valid = split_.dropped_valid[..., None] & split_.kept_valid[:, None, :]
+    if corr.numel() == 0:  # nothing discarded (full budget) or nothing kept
+        return corr.float()
+    threshold = torch.nanquantile(corr.float().masked_fill(~valid, float("nan")), eps, dim=-1, keepdim=True)
+    chosen = (corr >= threshold) & valid
+    weight = corr.float().clamp(min=0) * chosen
+    # a row whose chosen targets all have zero correlation still folds into them, evenly
+    weight = torch.where(weight.sum(-1, keepdim=True) > 0, weight, chosen.float())
+    return weight / weight.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def merge_self_preserving(kept_hidden: Tensor, dropped_hidden: Tensor, alpha: Tensor) -> Tensor:
+    """compress: x_j <- (x_j + sum_i alpha_ij x_i) / (1 + sum_i alpha_ij); kept [N,K,D], dropped [N,R,D]."""
+    incoming = alpha.transpose(1, 2) @ dropped_hidden.float()  # [N, K, D]
+    mass = alpha.sum(1)[..., None]  # [N, K, 1]
+    return ((kept_hidden.float() + incoming) / (1 + mass)).to(kept_hidden.dtype)
+
+
+def nearest_targets(features: Tensor, targets: Tensor, targets_valid: Tensor, members_valid: Tensor) -> Tensor:
+    """correlate by cosine similarity: for each member [N, M, C] the index of its most similar target.
+
+    targets [N, T] index into the members; returns [N, M] indices into `targets`.
+    """
+    unit = F.normalize(features.float(), dim=-1)
+    sim = unit @ gather_rows(unit, targets).transpose(1, 2)  # [N, M, T]
+    sim = sim.masked_fill(~targets_valid[:, None, :], float("-inf"))
+    return sim.argmax(-1).masked_fill(~members_valid, 0)
+
+
+def average_groups(hidden: Tensor, assignment: Tensor, members_valid: Tensor, n_groups: int) -> Tensor:
+    """compress by averaging: hidden [N, M, D] grouped by assignment [N, M] -> [N, n_groups, D] means."""
+    n, m, d = hidden.shape
+    weight = members_valid.float()
+    sums = torch.zeros(n, n_groups, d, device=hidden.device).scatter_add_(
+        1, assignment[..., None].expand(-1, -1, d), hidden.float() * weight[..., None])
+    counts = torch.zeros(n, n_groups, device=hidden.device).scatter_add_(1, assignment, weight)
+    return (sums / counts[..., None].clamp(min=1)).to(hidden.dtype)
+
+
+def spaced(count: Tensor, available: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """`count` [N] uniformly spaced indices into the first `available` [N] members of each row: [N, width] + valid."""
+    i = torch.arange(width, device=count.device)
+    index = torch.div(i * available[:, None], count.clamp(min=1)[:, None], rounding_mode="floor")
+    valid = i < count[:, None]
+    return index.masked_fill(~valid, 0), valid

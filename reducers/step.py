@@ -1,0 +1,41 @@
+"""What a method sees at a reduction site (`Step`) and what it hands back (`Reduction`).
+
+The runtime builds a Step wherever a method acts (after a vision-tower layer, or before an LLM layer),
+with the candidate tokens of every row laid out as a padded [N, V] index into the sequence. Methods
+work entirely in that candidate space; gathering, masks, positions and caches stay in the runtime.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class Step:
+    """A batch of N sequences (image crops in the tower, prompts in the LLM) at one reduction site."""
+    hidden: Tensor          # [N, S, D] hidden states entering the site
+    q: Tensor               # [N, H, S, d] queries of the layer whose attention scores the tokens (rotated in the LLM)
+    k: Tensor               # [N, Hkv, S, d] its keys
+    key_valid: Tensor       # [N, S] real tokens (False: padding)
+    cand: Tensor            # [N, V] sequence positions of the candidate (visual) tokens, in sequence order
+    cand_valid: Tensor      # [N, V] False where a row has fewer candidates than V
+    keep: Tensor            # [N] candidates to keep after this step
+    causal: bool            # LLM attention is causal; the vision tower's is not
+    text: Tensor | None = None      # [N, S] LLM only: real, non-visual tokens
+    grid: tuple[int, int] | None = None  # vision only: the patch grid (h, w)
+    slots: Tensor | None = None     # [N, V] vision only: each candidate's patch index on that grid
+    layer: int = 0          # the site's layer index (vision layer j, or LLM layer K)
+
+    @property
+    def hidden_cand(self) -> Tensor:
+        """[N, V, D] the candidates' hidden states."""
+        return self.hidden.gather(1, self.cand[..., None].expand(-1, -1, self.hidden.shape[-1]))
+
+
+@dataclass
+class Reduction:
+    """The candidates a method keeps, by candidate index in ascending (sequence) order, and their new states."""
+    kept: Tensor            # [N, K] candidate indices, ascending; padded entries have kept_valid False
+    kept_valid: Tensor      # [N, K]
+    hidden: Tensor | None = None  # [N, K, D] updated states of the kept candidates (merges); None: unchanged
