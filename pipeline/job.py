@@ -89,9 +89,7 @@ def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]):
             .map_batches(prepare, fn_kwargs={"config": config}, batch_size=config.batch_size, batch_format="pyarrow")
             .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus},
                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=config.batch_size,
-                         batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus,
-                         # the actor handles failures per row: a retry would only redo the same failure
-                         max_task_retries=0))
+                         batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus))
 
 
 def run(config: JobConfig) -> dict[str, Any]:

@@ -23,5 +23,4 @@ class Progress:
         self.bar.update(shards)
 
     def close(self) -> None:
-        self.bar.refresh()
         self.bar.close()
