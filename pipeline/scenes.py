@@ -38,6 +38,18 @@ GAP_FRACTION = 0.03          # minimum empty space between two objects, so objec
 NOISE_AMPLITUDE = 8          # textured backgrounds: +-8 grey levels, far from every palette colour
 
 
+# Words of the question templates in `ask` (tests check every generated text stays inside `vocabulary()`).
+TEMPLATE_WORDS: tuple[str, ...] = ("what", "colour", "is", "the", "shape", "object", "how", "many", "objects", "are",
+                                   "there", "a", "where", "yes", "no", "describe", "image", "?", ",", ".")
+
+
+def vocabulary() -> list[str]:
+    """Every word a question, answer or caption can contain, in a fixed order."""
+    words = list(TEMPLATE_WORDS) + list(COLOURS) + list(SHAPES) + list(PLURAL.values()) + list(NUMBERS)
+    words += [w for q in QUADRANTS for w in q.split()]
+    return list(dict.fromkeys(words))
+
+
 @dataclass(frozen=True)
 class SceneObject:
     colour: str

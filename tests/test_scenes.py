@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.scenes import (CAPTION_TASK, COLOURS, NUMBERS, PLURAL, SHAPES, TASKS, Scene, SceneObject, ask,
                              answer_correct, benchmark_item, caption, caption_pairs, caption_scores, f1,
-                             generate_scene, patch_coverage, render_scene)
+                             generate_scene, normalise, patch_coverage, render_scene, vocabulary)
 
 SEEDS = range(40)
 
@@ -188,3 +188,11 @@ def test_answer_comparison_normalises_case_and_punctuation():
     assert answer_correct("  top   LEFT ", "top left")
     assert not answer_correct("top", "top left")
     assert not answer_correct("no", "yes")
+
+
+def test_every_generated_word_is_in_the_vocabulary():
+    words = set(vocabulary())
+    for seed in range(300):
+        for task in TASKS + (CAPTION_TASK,):
+            _, q = benchmark_item(seed, task)
+            assert set(normalise(q.text + " " + q.answer).split()) <= words, (task, q)

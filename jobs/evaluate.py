@@ -1,0 +1,86 @@
+"""Score a reduction method at a budget on the held-out scene benchmark, against the unreduced model.
+
+    python jobs/evaluate.py --reducer ficoco-v --ratio 0.111 [--model PATH] [--visual-tokens N]
+        [--seed-start S] [--questions N] [--captions N] [--batch-size B] [--json FILE]
+
+Defaults: the shipped reference model, the held-out seed range, the full benchmark (2,100 questions,
+500 captions). Prints accuracy per task, overall accuracy, caption F1 and retention (= score / the
+unreduced model's score on the same items); --json writes the same as one object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import benchmark  # noqa: E402
+from pipeline.reference import REFERENCE_MODEL_DIR, load_reference  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REFERENCE_MODEL_DIR), help="model folder (default: the shipped one)")
+    parser.add_argument("--reducer", required=True, help="method name, as in reducers.available()")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--visual-tokens", type=int, help="layer-averaged visual tokens in the LLM")
+    budget.add_argument("--ratio", type=float, help="visual tokens as a share of the full count")
+    parser.add_argument("--seed-start", type=int, default=benchmark.HELD_OUT_SEED_START)
+    parser.add_argument("--questions", type=int, default=benchmark.DEFAULT_QUESTIONS)
+    parser.add_argument("--captions", type=int, default=benchmark.DEFAULT_CAPTIONS)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, help="also write the result object here")
+    args = parser.parse_args(argv)
+    if args.reducer != "none" and args.visual_tokens is None and args.ratio is None:
+        parser.error(f"--reducer {args.reducer} needs a budget: --visual-tokens N or --ratio R")
+    if args.reducer == "none" and (args.visual_tokens is not None or args.ratio is not None):
+        parser.error("--reducer none keeps every visual token and takes no budget")
+    return args
+
+
+def report(result: dict) -> str:
+    budget = "" if result["reducer"] == "none" else (
+        f" at {result['visual_tokens']} visual tokens" if result["visual_tokens"] else f" at ratio {result['ratio']}")
+    lines = [f"{result['reducer']}{budget}: {result['questions']} questions, {result['captions']} captions, "
+             f"seeds from {result['seed_start']}"]
+    unreduced = result["unreduced"]["per_task"]
+    for task, accuracy in result["per_task"].items():
+        lines.append(f"  {task:<16} {accuracy:7.1%}   (unreduced {unreduced[task]:.1%})")
+    lines.append(f"  {'VQA accuracy':<16} {_percent(result['vqa_accuracy'])}   retention {_percent(result['retention_vqa'])}")
+    lines.append(f"  {'caption F1':<16} {_fixed(result['caption_f1'])}   retention {_percent(result['retention_caption'])}")
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "    n/a" if value is None else f"{value:7.1%}"
+
+
+def _fixed(value: float | None) -> str:
+    return "    n/a" if value is None else f"{value:7.3f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load_reference(args.model)
+    common = dict(seed_start=args.seed_start, questions=args.questions, captions=args.captions,
+                  batch_size=args.batch_size)
+    unreduced = benchmark.run(model, processor, "none", **common)
+    reduced = unreduced if args.reducer == "none" else benchmark.run(
+        model, processor, args.reducer, visual_tokens=args.visual_tokens, ratio=args.ratio, **common)
+    result = {"model": args.model, **benchmark.with_retention(reduced, unreduced)}
+    print(report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The quality benchmark: held-out scenes through a model with a reducer attached, scored exactly.
+
+Item i of the question set asks task TASKS[i % 7] about the scene of seed `seed_start + i`; caption j
+describes the scene of seed `seed_start + CAPTION_SEED_OFFSET + j`. Training draws seeds below
+HELD_OUT_SEED_START, so the default range is never seen in training.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+import reducers
+from pipeline.reference import prompt
+from pipeline.scenes import (CAPTION_TASK, TASKS, Question, Scene, answer_correct, benchmark_item, caption_scores,
+                             f1)
+
+HELD_OUT_SEED_START = 10_000_000
+CAPTION_SEED_OFFSET = 1_000_000
+DEFAULT_QUESTIONS = 2100   # 300 per task
+DEFAULT_CAPTIONS = 500
+ANSWER_TOKENS = 4          # the longest answer ("top left") is 2 words, then </s>
+CAPTION_TOKENS = 20        # 4 objects x "a colour shape" + 3 commas + </s>
+
+
+@dataclass(frozen=True)
+class Item:
+    scene: Scene
+    question: Question
+
+
+def question_items(seed_start: int, count: int, image_size: int) -> list[Item]:
+    return [Item(*benchmark_item(seed_start + i, TASKS[i % len(TASKS)], image_size)) for i in range(count)]
+
+
+def caption_items(seed_start: int, count: int, image_size: int) -> list[Item]:
+    return [Item(*benchmark_item(seed_start + CAPTION_SEED_OFFSET + j, CAPTION_TASK, image_size)) for j in range(count)]
+
+
+def image_size_of(processor) -> int:
+    return int(processor.image_processor.crop_size["height"])
+
+
+@torch.inference_mode()
+def answer(model, processor, items: list[Item], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers of the model (with whatever reducer is attached) to the items, in order."""
+    answers = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        inputs = processor(images=[item.scene.render() for item in chunk],
+                           text=[prompt(processor, item.question.text) for item in chunk],
+                           padding=True, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        answers += processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return answers
+
+
+def score(questions: list[Item], question_answers: list[str], captions: list[Item], caption_texts: list[str]) -> dict:
+    """Accuracy per task and overall, caption precision / recall / F1 (means over captions)."""
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for item, predicted in zip(questions, question_answers):
+        per_task[item.question.task].append(answer_correct(predicted, item.question.answer))
+    pairs = [caption_scores(text, item.scene) for item, text in zip(captions, caption_texts)]
+    hits = [hit for task_hits in per_task.values() for hit in task_hits]
+    return {
+        "vqa_accuracy": sum(hits) / len(hits) if hits else None,
+        "per_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
+        "caption_precision": sum(p for p, _ in pairs) / len(pairs) if pairs else None,
+        "caption_recall": sum(r for _, r in pairs) / len(pairs) if pairs else None,
+        "caption_f1": sum(f1(p, r) for p, r in pairs) / len(pairs) if pairs else None,
+    }
+
+
+def run(model, processor, reducer: str, visual_tokens: int | None = None, ratio: float | None = None,
+        seed_start: int = HELD_OUT_SEED_START, questions: int = DEFAULT_QUESTIONS, captions: int = DEFAULT_CAPTIONS,
+        batch_size: int = 32) -> dict:
+    """Score one method at one budget on the held-out set (the method attached through `reducers.attach`)."""
+    size = image_size_of(processor)
+    question_set, caption_set = question_items(seed_start, questions, size), caption_items(seed_start, captions, size)
+    budget = {} if reducer == "none" else {"visual_tokens": visual_tokens, "ratio": ratio}
+    with reducers.attach(model, reducer, **budget):
+        question_answers = answer(model, processor, question_set, ANSWER_TOKENS, batch_size)
+        caption_texts = answer(model, processor, caption_set, CAPTION_TOKENS, batch_size)
+    result = score(question_set, question_answers, caption_set, caption_texts)
+    examples = [{"question": item.question.text, "expected": item.question.answer, "answer": text}
+                for item, text in list(zip(question_set, question_answers))[:len(TASKS)]]
+    return {"reducer": reducer, "visual_tokens": visual_tokens, "ratio": ratio, "seed_start": seed_start,
+            "questions": questions, "captions": captions, **result, "examples": examples}
+
+
+def retention(reduced: float | None, unreduced: float | None) -> float | None:
+    """score / the unreduced model's score (None when either is missing or the unreduced score is 0)."""
+    if reduced is None or not unreduced:
+        return None
+    return reduced / unreduced
+
+
+def with_retention(result: dict, unreduced: dict) -> dict:
+    return {**result, "retention_vqa": retention(result["vqa_accuracy"], unreduced["vqa_accuracy"]),
+            "retention_caption": retention(result["caption_f1"], unreduced["caption_f1"]),
+            "unreduced": {k: unreduced[k] for k in ("vqa_accuracy", "caption_f1", "per_task")}}

@@ -1,0 +1,117 @@
+"""Reference-model plumbing: the word-level tokenizer, packed training turns that equal single-turn prompts,
+the auxiliary vision targets, and the benchmark scoring."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.benchmark import Item, caption_items, question_items, retention, score
+from pipeline.reference import Architecture, build_model, build_processor, prompt
+from pipeline.reference_training import (PAIRS, answer_accuracy, make_batch, pack_turns, scene_questions,
+                                         vision_targets)
+from pipeline.scenes import CAPTION_TASK, TASKS, generate_scene, render_scene, vocabulary
+
+SMALL = Architecture(vision_layers=2, llm_layers=2, vision_hidden=32, llm_hidden=32, llm_intermediate=64)
+
+
+@pytest.fixture(scope="module")
+def small():
+    processor = build_processor(SMALL)
+    return processor, build_model(processor.tokenizer, SMALL, seed=1).eval()
+
+
+def test_every_word_is_one_known_token(small):
+    tok = small[0].tokenizer
+    for word in vocabulary():
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != tok.unk_token_id, word
+    text = "what colour is the circle ? ASSISTANT : red"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_prompt_expands_to_the_grid_of_image_tokens(small):
+    processor, _ = small
+    inputs = processor(images=[generate_scene(0).render()], text=[prompt(processor, "how many objects are there ?")],
+                       return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(processor.tokenizer.image_token_id) == SMALL.grid ** 2
+    assert processor.tokenizer.decode(ids[SMALL.grid ** 2 + 3:]) == "how many objects are there ? ASSISTANT :"
+
+
+def test_packed_turns_give_the_logits_of_single_turn_prompts(small):
+    processor, model = small
+    scene = generate_scene(5)
+    questions = scene_questions(scene)
+    batch = make_batch(range(5, 7), processor, SMALL, with_text=True)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits[0]
+        row = batch["input_ids"][0].tolist()
+        prefix = SMALL.grid ** 2 + 3
+        for question in (questions[0], questions[3], questions[-1]):
+            single = processor(images=[scene.render()], text=[prompt(processor, question.text)], return_tensors="pt")
+            alone = model(**single).logits[0, prefix:]
+            turn = single["input_ids"][0, prefix:].tolist()
+            start = next(s for s in range(prefix, len(row)) if row[s:s + len(turn)] == turn)
+            torch.testing.assert_close(packed[start:start + len(turn)], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_labels_are_the_answers_and_end_of_turn_only(small):
+    tok = small[0].tokenizer
+    scene = generate_scene(9)
+    questions = scene_questions(scene)
+    packed = pack_turns(tok, 4, [questions])
+    labelled = packed["labels"][0][packed["labels"][0] != -100].tolist()
+    assert tok.decode(labelled) == " ".join(f"{q.answer} </s>" for q in questions)
+    assert {q.task for q in questions} >= {"count_total", "count_colour", "count_shape", "presence", CAPTION_TASK}
+
+
+def test_teacher_forced_accuracy_counts_whole_answers(small):
+    tok = small[0].tokenizer
+    questions = scene_questions(generate_scene(9))
+    packed = pack_turns(tok, 4, [questions])
+    labels = packed["labels"]
+    perfect = torch.nn.functional.one_hot(torch.roll(labels.clamp(min=0), -1, dims=1), len(tok)).float()
+    tasks = [[q.task for q in questions]]
+    assert set(answer_accuracy(perfect, labels, tasks).values()) == {1.0}
+    first_answer = int(torch.nonzero(labels[0] != -100)[0])
+    perfect[0, first_answer - 1] = torch.roll(perfect[0, first_answer - 1], 1)
+    assert answer_accuracy(perfect, labels, tasks)[questions[0].task] < 1.0
+
+
+def test_vision_targets_mark_object_patches_and_centres():
+    scene = generate_scene(11)
+    _, index_map = render_scene(scene)
+    targets = vision_targets([scene], [index_map], Architecture())
+    grid = Architecture().grid
+    for obj in scene.objects:
+        centre = int(obj.cy) // 14 * grid + int(obj.cx) // 14
+        assert targets["patch_centre"][0, centre] == 1.0
+        assert targets["patch_pair"][0, centre] == PAIRS.index((obj.colour, obj.shape)) + 1
+    assert targets["patch_centre"].sum() == len(scene.objects)
+    assert targets["cls_pairs"].sum() == len(scene.objects)
+    assert (targets["patch_pair"] == 0).float().mean() > 0.6, "objects must stay small"
+
+
+def test_benchmark_items_are_deterministic_and_cover_every_task():
+    first, again = question_items(10_000_000, 21, 168), question_items(10_000_000, 21, 168)
+    assert [i.question for i in first] == [i.question for i in again]
+    assert [i.question.task for i in first] == list(TASKS) * 3
+    captions = caption_items(10_000_000, 3, 168)
+    assert {i.question.task for i in captions} == {CAPTION_TASK}
+    assert not {i.scene.seed for i in captions} & {i.scene.seed for i in first}
+
+
+def test_score_and_retention():
+    items = question_items(10_000_000, 7, 168)
+    answers = [i.question.answer for i in items[:6]] + ["wrong"]
+    captions = caption_items(10_000_000, 2, 168)
+    texts = [captions[0].question.answer, ""]
+    result = score(items, answers, captions, texts)
+    assert result["vqa_accuracy"] == pytest.approx(6 / 7)
+    assert result["per_task"][TASKS[-1]] == 0.0 and result["per_task"][TASKS[0]] == 1.0
+    assert result["caption_f1"] == pytest.approx(0.5)
+    assert retention(0.45, 0.9) == pytest.approx(0.5)
+    assert retention(0.5, 0.0) is None and retention(None, 0.9) is None
+    assert isinstance(items[0], Item) and np.isfinite(result["caption_precision"])
