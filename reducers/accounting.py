@@ -11,10 +11,11 @@ Conventions (one place, so every number in the project means the same thing):
   below 1 % of the total at LLaVA shapes. This is the scope of `torch.utils.flop_counter.FlopCounterMode`,
   which the tests compare against. Biases are not counted (an add, not a multiply-add).
 * Attention is counted as the **full** rectangle: n_query × n_key for both products, not the causal half. In
-  prefill, transformers passes an explicit 4-D mask to SDPA (it needs one for left padding and for pruned rows),
-  and a masked SDPA kernel computes every block and only then masks; eager attention and FlopCounterMode count the
-  full product as well, and so do the token-reduction papers' FLOPs formulas (FastV: 4nd² + 2n²d + 2ndm).
-  Counting the causal half would price a kernel that is not the one running.
+  prefill, transformers passes an explicit 4-D mask to SDPA whenever a batch has padding, and the trimlens runtime
+  always passes one (pruned rows); a masked SDPA kernel computes every block and masks afterwards. Eager attention
+  and FlopCounterMode's SDPA formula count the full product too, and so do the papers' FLOPs formulas (FastV:
+  4nd² + 2n²d + 2ndm), so budgets compare like with like. Only an unpadded, unreduced batch may run an is_causal
+  kernel that skips the upper triangle; its attention then costs about half of what is priced here.
 * Grouped-query attention: K and V projections are priced at num_key_value_heads × head_dim outputs; the attention
   products run over all query heads (each K/V head is shared by num_attention_heads / num_key_value_heads queries).
 * lm_head: prefill prices it for the **last position of each row only**, because `generate` calls the model with
@@ -33,15 +34,15 @@ from transformers import LlavaConfig, LlavaNextConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-# Decoders priced by `TextShape`: pre-norm blocks with Q/K/V/O projections and a gated MLP (gate, up, down).
+# Decoders priced by `TextDims`: pre-norm blocks with Q/K/V/O projections and a gated MLP (gate, up, down).
 GATED_MLP_DECODERS = ("llama", "mistral", "qwen2")
-# Vision towers priced by `VisionShape`: ViT blocks with Q/K/V/O projections, a 2-layer MLP and one CLS token.
+# Vision towers priced by `VisionDims`: ViT blocks with Q/K/V/O projections, a 2-layer MLP and one CLS token.
 CLIP_TOWERS = ("clip_vision_model",)
 CONFIG_CLASSES = {"llava": LlavaConfig, "llava_next": LlavaNextConfig}
 
 
 @dataclass(frozen=True)
-class VisionShape:
+class VisionDims:
     """The widths of a CLIP vision tower that its FLOPs depend on."""
     hidden: int
     intermediate: int
@@ -52,7 +53,7 @@ class VisionShape:
 
 
 @dataclass(frozen=True)
-class TextShape:
+class TextDims:
     """The widths of a gated-MLP decoder (Llama family) that its FLOPs and cache size depend on."""
     hidden: int
     intermediate: int
@@ -64,19 +65,18 @@ class TextShape:
 
 
 @dataclass(frozen=True)
-class ProjectorShape:
+class ProjectorDims:
     """LLaVA's multi-modal projector: Linear(in_features → hidden), GELU, Linear(hidden → hidden)."""
     in_features: int  # vision hidden × number of feature layers concatenated
     hidden: int
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    vision: VisionShape
-    projector: ProjectorShape
-    text: TextShape
-    feature_layer: int    # index into the tower's hidden_states (0 = embeddings, k = output of layer k - 1)
-    drops_cls: bool       # vision_feature_select_strategy == "default": the CLS token is not projected
+class ModelDims:
+    vision: VisionDims
+    projector: ProjectorDims
+    text: TextDims
+    projected_per_crop: int  # feature tokens per crop: the patch grid, plus CLS unless the strategy is "default"
 
 
 @dataclass(frozen=True)
@@ -111,41 +111,39 @@ def reference_config(name: str = "llava-1.5-7b") -> LlavaConfig | LlavaNextConfi
     return as_llava_config(json.loads(path.read_text()))
 
 
-def model_shape(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any]) -> ModelShape:
+def model_dims(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any]) -> ModelDims:
     config = as_llava_config(model_config)
     vision_cfg, text_cfg = config.vision_config, config.text_config
     if vision_cfg.model_type not in CLIP_TOWERS:
         raise ValueError(f"unsupported vision tower {vision_cfg.model_type!r}; expected one of {CLIP_TOWERS}")
     if text_cfg.model_type not in GATED_MLP_DECODERS:
         raise ValueError(f"unsupported language model {text_cfg.model_type!r}; expected one of {GATED_MLP_DECODERS}")
-    feature_layers = ([config.vision_feature_layer] if isinstance(config.vision_feature_layer, int)
-                      else list(config.vision_feature_layer))
-    # hidden_states has layers + 1 entries; a negative index counts from its end.
-    feature_indices = [i % (vision_cfg.num_hidden_layers + 1) for i in feature_layers]
-    vision = VisionShape(hidden=vision_cfg.hidden_size, intermediate=vision_cfg.intermediate_size,
+    feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+    vision = VisionDims(hidden=vision_cfg.hidden_size, intermediate=vision_cfg.intermediate_size,
                          layers=vision_cfg.num_hidden_layers, channels=vision_cfg.num_channels,
                          patch_size=vision_cfg.patch_size,
                          patches_per_crop=(vision_cfg.image_size // vision_cfg.patch_size) ** 2)
     heads = text_cfg.num_attention_heads
-    text = TextShape(hidden=text_cfg.hidden_size, intermediate=text_cfg.intermediate_size,
+    text = TextDims(hidden=text_cfg.hidden_size, intermediate=text_cfg.intermediate_size,
                      layers=text_cfg.num_hidden_layers, heads=heads,
                      kv_heads=text_cfg.num_key_value_heads or heads,
                      head_dim=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads,
                      vocab=text_cfg.vocab_size)
-    projector = ProjectorShape(in_features=vision.hidden * len(feature_indices), hidden=text.hidden)
-    return ModelShape(vision=vision, projector=projector, text=text, feature_layer=max(feature_indices),
-                      drops_cls=config.vision_feature_select_strategy == "default")
+    projector = ProjectorDims(in_features=vision.hidden * feature_layers, hidden=text.hidden)
+    drops_cls = config.vision_feature_select_strategy == "default"
+    return ModelDims(vision=vision, projector=projector, text=text,
+                     projected_per_crop=vision.patches_per_crop + (0 if drops_cls else 1))
 
 
 # ---------------------------------------------------------------- vision tower and projector
 
-def patch_embedding_flops(vision: VisionShape, num_crops: int) -> int:
+def patch_embedding_flops(vision: VisionDims, num_crops: int) -> int:
     """The stride-p convolution that turns each crop into patches_per_crop tokens (always the full grid)."""
     macs_per_patch = vision.channels * vision.patch_size ** 2 * vision.hidden
     return 2 * num_crops * vision.patches_per_crop * macs_per_patch
 
 
-def vision_layer_flops(vision: VisionShape, tokens: int, num_crops: int) -> int:
+def vision_layer_flops(vision: VisionDims, tokens: int, num_crops: int) -> int:
     """One CLIP encoder layer over `tokens` tokens (CLS included) summed over `num_crops` crops of equal length.
 
     Attention is per crop: each crop's n = tokens / num_crops tokens attend to each other (full n × n, no mask).
@@ -157,7 +155,7 @@ def vision_layer_flops(vision: VisionShape, tokens: int, num_crops: int) -> int:
     return 2 * (linear_macs + attention_macs)
 
 
-def vision_tower_flops(vision: VisionShape, tokens_per_layer: Sequence[int], num_crops: int) -> int:
+def vision_tower_flops(vision: VisionDims, tokens_per_layer: Sequence[int], num_crops: int) -> int:
     """The whole tower: patch embedding plus every encoder layer that ran.
 
     tokens_per_layer: [vision layers], tokens (CLS included) each layer processed, summed over all crops. transformers
@@ -169,14 +167,14 @@ def vision_tower_flops(vision: VisionShape, tokens_per_layer: Sequence[int], num
         vision_layer_flops(vision, tokens, num_crops) for tokens in tokens_per_layer)
 
 
-def projector_flops(projector: ProjectorShape, tokens: int) -> int:
+def projector_flops(projector: ProjectorDims, tokens: int) -> int:
     """The 2-layer GELU projector over `tokens` feature tokens (all crops and rows together)."""
     return 2 * tokens * (projector.in_features * projector.hidden + projector.hidden * projector.hidden)
 
 
 # ---------------------------------------------------------------- language model
 
-def decoder_layer_flops(text: TextShape, new_tokens: int, attended_tokens: int) -> int:
+def decoder_layer_flops(text: TextDims, new_tokens: int, attended_tokens: int) -> int:
     """One decoder layer: `new_tokens` queries (projected, MLP'd) attending to `attended_tokens` keys.
 
     Prefill: new_tokens == attended_tokens == the layer's sequence length. Decode: 1 new token attending to the
@@ -189,11 +187,11 @@ def decoder_layer_flops(text: TextShape, new_tokens: int, attended_tokens: int) 
     return 2 * (projection_macs + attention_macs + mlp_macs)
 
 
-def lm_head_flops(text: TextShape, positions: int) -> int:
+def lm_head_flops(text: TextDims, positions: int) -> int:
     return 2 * positions * text.hidden * text.vocab
 
 
-def prefill_flops(text: TextShape, tokens_per_layer: Sequence[int]) -> int:
+def prefill_flops(text: TextDims, tokens_per_layer: Sequence[int]) -> int:
     """LLM prefill of one row: tokens_per_layer [layers] = tokens (text + visual) each decoder layer processed.
 
     Includes lm_head for the last position only (what `generate` computes).
@@ -203,7 +201,7 @@ def prefill_flops(text: TextShape, tokens_per_layer: Sequence[int]) -> int:
     return sum(decoder_layer_flops(text, n, n) for n in tokens_per_layer) + lm_head_flops(text, 1)
 
 
-def decode_step_flops(text: TextShape, kv_lengths: Sequence[int]) -> int:
+def decode_step_flops(text: TextDims, kv_lengths: Sequence[int]) -> int:
     """One decode step of one row: kv_lengths [layers] = cache entries each layer attends over, the new one included.
 
     Includes lm_head for the new token.
@@ -213,7 +211,7 @@ def decode_step_flops(text: TextShape, kv_lengths: Sequence[int]) -> int:
     return sum(decoder_layer_flops(text, 1, n) for n in kv_lengths) + lm_head_flops(text, 1)
 
 
-def decode_flops(text: TextShape, kv_after_prefill: Sequence[int], kv_at_end: Sequence[int], steps: int) -> int:
+def decode_flops(text: TextDims, kv_after_prefill: Sequence[int], kv_at_end: Sequence[int], steps: int) -> int:
     """All `steps` decode steps of one row, from the cache length per layer after prefill and after the last step.
 
     Step s (1..steps) attends over a cache that moves linearly from kv_after_prefill to kv_at_end: exact when the
@@ -230,22 +228,12 @@ def decode_flops(text: TextShape, kv_after_prefill: Sequence[int], kv_at_end: Se
     return steps * per_step_without_attention + attention_per_key * twice_total_keys // 2
 
 
-def kv_bytes(text: TextShape, entries_per_layer: Sequence[int], dtype_bytes: int) -> int:
+def kv_bytes(text: TextDims, entries_per_layer: Sequence[int], dtype_bytes: int) -> int:
     """Bytes of K and V for entries_per_layer [layers] cache entries (one row, or summed over rows)."""
     return 2 * text.kv_heads * text.head_dim * dtype_bytes * sum(entries_per_layer)
 
 
 # ---------------------------------------------------------------- one batch, from Attachment.stats
-
-def projector_tokens(shape: ModelShape, vision_tokens_per_layer: Sequence[int], num_crops: int) -> int:
-    """Tokens the projector received: the feature layer's output, less one CLS per crop under the "default" strategy.
-
-    hidden_states[k] (k ≥ 1) is the output of layer k - 1, which is what layer k processed; the last layer's output
-    (k = layers) has no next layer, so its length is the last layer's.
-    """
-    feature_tokens = vision_tokens_per_layer[min(shape.feature_layer, len(vision_tokens_per_layer) - 1)]
-    return feature_tokens - (num_crops if shape.drops_cls else 0)
-
 
 def batch_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any], stats: Mapping[str, Any]) -> Cost:
     """The cost of the batch described by `stats` (the dict `reducers.attach(...).stats` holds after a generate).
@@ -254,9 +242,15 @@ def batch_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any], 
     [L][B], decode_steps, dtype_bytes. kv_bytes_peak is computed from the valid entries (the larger of after-prefill
     and end, which bound the straight-line cache model of `decode_flops`); stats' own kv_bytes_peak measures the
     allocated cache, padding included.
+
+    The projector is priced on every crop's full patch grid: vision-side methods drop tokens in the tower, but the
+    runtime scatters the survivors back onto the grid so that LLaVA's own projector and AnyRes packing run
+    unchanged, and the dropped placeholders leave at the LLM input. (At most 0.3 % of LLaVA-1.5-7B's prefill.)
+    Not priced: the methods' own scoring (attention rows a method recomputes to rank tokens); it is timed
+    separately as stats["scoring_seconds"].
     """
-    shape = model_shape(model_config)
-    text = shape.text
+    dims = model_dims(model_config)
+    text = dims.text
     rows = range(len(stats["tokens_per_layer"][0]))
 
     def column(per_layer_rows: Sequence[Sequence[int]], row: int) -> list[int]:  # [L][B] -> [L] of one row
@@ -264,9 +258,8 @@ def batch_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any], 
 
     num_crops = int(stats["num_crops"])
     vision_tokens = [int(n) for n in stats["vision_tokens_per_layer"]]
-    flops_vision = vision_tower_flops(shape.vision, vision_tokens, num_crops)
-    flops_projector = (projector_flops(shape.projector, projector_tokens(shape, vision_tokens, num_crops))
-                       if num_crops else 0)
+    flops_vision = vision_tower_flops(dims.vision, vision_tokens, num_crops)
+    flops_projector = projector_flops(dims.projector, num_crops * dims.projected_per_crop)
     flops_prefill = sum(prefill_flops(text, column(stats["tokens_per_layer"], b)) for b in rows)
     steps = int(stats["decode_steps"])
     flops_decode = sum(decode_flops(text, column(stats["kv_entries_prefill"], b), column(stats["kv_entries_end"], b),
