@@ -30,8 +30,9 @@ MARKER = "_SUCCESS"
 
 
 def shard_folder(shard: str) -> str:
-    """One flat folder per shard, even for shards in sub-folders of the input."""
-    return shard.replace("/", "__")
+    """One flat folder per shard, even for shards in sub-folders of the input; without the file extension, so no
+    folder looks like a Parquet file to tools that glob for *.parquet."""
+    return posixpath.splitext(shard)[0].replace("/", "__")
 
 
 class ShardSink:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -90,10 +91,17 @@ def write_tar_shard(path: Path, samples: dict[str, bytes], questions: dict[str, 
                 tar.addfile(info, io.BytesIO(payload))
 
 
-def free_port() -> int:
+def _is_free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def free_port() -> int:
+    """A free port P in 20000-29999 whose P + 10000 is free too: SeaweedFS serves gRPC on P + 10000."""
+    while True:
+        port = random.randrange(20000, 30000)
+        if _is_free(port) and _is_free(port + 10000):
+            return port
 
 
 def _wait_port(port: int, seconds: float) -> None:
@@ -113,7 +121,10 @@ def seaweedfs(workdir: Path, bucket: str):
     keys = {"identities": [{"name": "test", "credentials": [{"accessKey": "trimlens", "secretKey": "trimlens-secret"}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     (workdir / "keys.json").write_text(json.dumps(keys))
-    s3, master, volume, filer = (free_port() for _ in range(4))
+    ports: set[int] = set()
+    while len(ports) < 4:
+        ports.add(free_port())
+    s3, master, volume, filer = ports
     command = [str(VENV_BIN / "weed"), "mini", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-master.telemetry=false", "-webdav=false", "-admin.ui=false", f"-s3.port={s3}",
                f"-s3.config={workdir / 'keys.json'}", f"-bucket={bucket}", f"-master.port={master}",
@@ -132,7 +143,7 @@ def seaweedfs(workdir: Path, bucket: str):
 
 
 def _wait_bucket(env: dict[str, str], bucket: str) -> None:
-    """The S3 port opens before the bucket is served: wait until a listing works."""
+    """The S3 port opens before the bucket exists: wait until it does."""
     import pyarrow.fs as pafs
 
     fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
@@ -140,12 +151,13 @@ def _wait_bucket(env: dict[str, str], bucket: str) -> None:
     deadline = time.monotonic() + 60
     while True:
         try:
-            fs.get_file_info(pafs.FileSelector(bucket, allow_not_found=True))
-            return
+            if fs.get_file_info(bucket).type == pafs.FileType.Directory:
+                return
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"bucket {bucket} not served after 60 s")
+        time.sleep(0.3)
 
 
 @contextmanager

@@ -92,16 +92,16 @@ def test_resume_skips_finished_shards_and_cleans_a_half_written_one(local_ray, i
     args = _args(inputs, "parquet", out)
     first = run(parse_args("caption", args))
     assert first["rows_this_run"] == 12
-    finished = out / "results" / "part-0.parquet" / "part-0.parquet"
+    finished = out / "results" / "part-0" / "part-0.parquet"
     before = finished.stat().st_mtime_ns
     # an interrupted run: shard part-2 written but its marker missing, and a stray file in its folder
-    (out / "results" / "part-2.parquet" / "_SUCCESS").unlink()
-    (out / "costs" / "part-2.parquet" / "stray.parquet").write_bytes(b"half a file")
+    (out / "results" / "part-2" / "_SUCCESS").unlink()
+    (out / "costs" / "part-2" / "stray.parquet").write_bytes(b"half a file")
     second = run(parse_args("caption", args))
     assert (second["rows_this_run"], second["shards_this_run"], second["shards_skipped"]) == (4, 1, 2)
     assert (second["rows"], second["errors"]) == (12, 3)
     assert finished.stat().st_mtime_ns == before
-    assert not (out / "costs" / "part-2.parquet" / "stray.parquet").exists()
+    assert not (out / "costs" / "part-2" / "stray.parquet").exists()
     results, costs = _tables(out)
     assert len(results) == 12 and results["id"].is_unique and costs["n_rows"].sum() == 12
     third = run(parse_args("caption", args))  # nothing left to do: no Ray work, totals unchanged
