@@ -11,11 +11,11 @@ Conventions (one place, so every number in the project means the same thing):
   below 1 % of the total at LLaVA shapes. This is the scope of `torch.utils.flop_counter.FlopCounterMode`,
   which the tests compare against. Biases are not counted (an add, not a multiply-add).
 * Attention is counted as the **full** rectangle: n_query × n_key for both products, not the causal half. In
-  prefill, transformers passes an explicit 4-D mask to SDPA whenever a batch has padding, and the trimlens runtime
-  always passes one (pruned rows); a masked SDPA kernel computes every block and masks afterwards. Eager attention
-  and FlopCounterMode's SDPA formula count the full product too, and so do the papers' FLOPs formulas (FastV:
-  4nd² + 2n²d + 2ndm), so budgets compare like with like. Only an unpadded, unreduced batch may run an is_causal
-  kernel that skips the upper triangle; its attention then costs about half of what is priced here.
+  batched prefill with left padding (what this project runs), transformers passes an explicit 4-D mask to SDPA,
+  and a masked kernel computes every block and masks afterwards. Eager attention and FlopCounterMode's SDPA
+  formula count the full product too, and so do the papers' FLOPs formulas (FastV: 4nd² + 2n²d + 2ndm), so budgets
+  compare like with like. A batch without padding may run an is_causal kernel that skips the upper triangle; its
+  attention then costs about half of what is priced here.
 * Grouped-query attention: K and V projections are priced at num_key_value_heads × head_dim outputs; the attention
   products run over all query heads (each K/V head is shared by num_attention_heads / num_key_value_heads queries).
 * lm_head: prefill prices it for the **last position of each row only**, because `generate` calls the model with
@@ -112,6 +112,7 @@ def reference_config(name: str = "llava-1.5-7b") -> LlavaConfig | LlavaNextConfi
 
 
 def model_dims(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any]) -> ModelDims:
+    """The widths the costs depend on; ValueError for towers / decoders these formulas do not describe."""
     config = as_llava_config(model_config)
     vision_cfg, text_cfg = config.vision_config, config.text_config
     if vision_cfg.model_type not in CLIP_TOWERS:
@@ -120,15 +121,15 @@ def model_dims(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any]) 
         raise ValueError(f"unsupported language model {text_cfg.model_type!r}; expected one of {GATED_MLP_DECODERS}")
     feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
     vision = VisionDims(hidden=vision_cfg.hidden_size, intermediate=vision_cfg.intermediate_size,
-                         layers=vision_cfg.num_hidden_layers, channels=vision_cfg.num_channels,
-                         patch_size=vision_cfg.patch_size,
-                         patches_per_crop=(vision_cfg.image_size // vision_cfg.patch_size) ** 2)
+                        layers=vision_cfg.num_hidden_layers, channels=vision_cfg.num_channels,
+                        patch_size=vision_cfg.patch_size,
+                        patches_per_crop=(vision_cfg.image_size // vision_cfg.patch_size) ** 2)
     heads = text_cfg.num_attention_heads
     text = TextDims(hidden=text_cfg.hidden_size, intermediate=text_cfg.intermediate_size,
-                     layers=text_cfg.num_hidden_layers, heads=heads,
-                     kv_heads=text_cfg.num_key_value_heads or heads,
-                     head_dim=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads,
-                     vocab=text_cfg.vocab_size)
+                    layers=text_cfg.num_hidden_layers, heads=heads,
+                    kv_heads=text_cfg.num_key_value_heads or heads,
+                    head_dim=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads,
+                    vocab=text_cfg.vocab_size)
     projector = ProjectorDims(in_features=vision.hidden * feature_layers, hidden=text.hidden)
     drops_cls = config.vision_feature_select_strategy == "default"
     return ModelDims(vision=vision, projector=projector, text=text,
@@ -146,7 +147,8 @@ def patch_embedding_flops(vision: VisionDims, num_crops: int) -> int:
 def vision_layer_flops(vision: VisionDims, tokens: int, num_crops: int) -> int:
     """One CLIP encoder layer over `tokens` tokens (CLS included) summed over `num_crops` crops of equal length.
 
-    Attention is per crop: each crop's n = tokens / num_crops tokens attend to each other (full n × n, no mask).
+    Attention is per crop: each crop's n = tokens / num_crops tokens attend to each other (full n × n). Crops that
+    keep different counts are padded to the longest inside the tower; that padding is not priced.
     """
     d = vision.hidden
     linear_macs = tokens * (4 * d * d + 2 * d * vision.intermediate)  # q, k, v, out_proj; fc1, fc2
@@ -188,6 +190,7 @@ def decoder_layer_flops(text: TextDims, new_tokens: int, attended_tokens: int) -
 
 
 def lm_head_flops(text: TextDims, positions: int) -> int:
+    """Logits over the vocabulary for `positions` positions."""
     return 2 * positions * text.hidden * text.vocab
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaNextConfig
 
 import reducers
 from benchmarks.cost_table import markdown_table, prefill_cost
@@ -253,6 +253,11 @@ def test_llava_15_7b_reference_config():
     assert decoder_layer_flops(dims.text, 1, 0) == 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     with pytest.raises(ValueError, match="known"):
         reference_config("llava-9b")
+    # Dicts of either family load as their config class; decoders without Llama's block layout are refused.
+    next_dims = model_dims(LlavaNextConfig(text_config={"model_type": "mistral"}).to_dict())
+    assert (next_dims.text.heads, next_dims.text.kv_heads) == (32, 8)
+    with pytest.raises(ValueError, match="unsupported language model 'gpt2'"):
+        model_dims(LlavaConfig(text_config={"model_type": "gpt2"}))
 
 
 def test_cost_table_follows_the_budget():
