@@ -9,12 +9,16 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from torch import Tensor
 
 import reducers
 from pipeline.reference import prompt
 from pipeline.scenes import (CAPTION_TASK, TASKS, Question, Scene, answer_correct, benchmark_item, caption_scores,
-                             f1)
+                             f1, patch_coverage, render_scene)
+from reducers.methods import Method, register
+from reducers.stages import split
 
 HELD_OUT_SEED_START = 10_000_000
 CAPTION_SEED_OFFSET = 1_000_000
@@ -42,12 +46,45 @@ def image_size_of(processor) -> int:
     return int(processor.image_processor.crop_size["height"])
 
 
+@register("object-oracle")
+class ObjectOracle(Method):
+    """Benchmark-only reference, not a method: keeps the patches the objects cover most (from the scene's ground
+    truth), the rest by a seeded random draw, at the same place as `random` (after the tower's first layer).
+    Comparing it with `random` shows whether the benchmark can judge which tokens a method keeps."""
+    vision_share: float = 1.0
+    seed: int = 0
+    coverage: Tensor | None = None  # [images, patches]: set by `answer` before each batch
+
+    def vision_sites(self, shape):
+        return [0]
+
+    def reduce_vision(self, step):
+        if self.coverage is None or self.coverage.shape[0] != step.cand.shape[0]:
+            raise RuntimeError("object-oracle needs the benchmark to set the coverage of the batch's images")
+        draw = torch.rand(self.coverage.shape[1], generator=torch.Generator().manual_seed(self.seed))
+        # coverage dominates; the draw (< 1e-3) only orders the patches no object touches
+        scores = (self.coverage + 1e-3 * draw).to(step.cand.device).gather(1, step.slots)
+        return split(step, scores).reduction()
+
+
+def object_coverage(scenes: list[Scene], patch: int) -> Tensor:
+    """[images, patches]: the share of each patch covered by any object."""
+    rows = []
+    for scene in scenes:
+        _, index_map = render_scene(scene)
+        rows.append(patch_coverage(index_map, patch, len(scene.objects)).sum(axis=0).reshape(-1))
+    return torch.from_numpy(np.stack(rows)).float()
+
+
 @torch.inference_mode()
-def answer(model, processor, items: list[Item], max_new_tokens: int, batch_size: int) -> list[str]:
+def answer(model, processor, items: list[Item], max_new_tokens: int, batch_size: int,
+           attachment: reducers.Attachment | None = None) -> list[str]:
     """Greedy answers of the model (with whatever reducer is attached) to the items, in order."""
     answers = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
+        if attachment is not None and isinstance(attachment.method, ObjectOracle):
+            attachment.method.coverage = object_coverage([item.scene for item in chunk], processor.patch_size)
         inputs = processor(images=[item.scene.render() for item in chunk],
                            text=[prompt(processor, item.question.text) for item in chunk],
                            padding=True, return_tensors="pt")
@@ -81,9 +118,9 @@ def run(model, processor, reducer: str, visual_tokens: int | None = None, ratio:
     size = image_size_of(processor)
     question_set, caption_set = question_items(seed_start, questions, size), caption_items(seed_start, captions, size)
     budget = {} if reducer == "none" else {"visual_tokens": visual_tokens, "ratio": ratio}
-    with reducers.attach(model, reducer, **budget):
-        question_answers = answer(model, processor, question_set, ANSWER_TOKENS, batch_size)
-        caption_texts = answer(model, processor, caption_set, CAPTION_TOKENS, batch_size)
+    with reducers.attach(model, reducer, **budget) as attachment:
+        question_answers = answer(model, processor, question_set, ANSWER_TOKENS, batch_size, attachment)
+        caption_texts = answer(model, processor, caption_set, CAPTION_TOKENS, batch_size, attachment)
     result = score(question_set, question_answers, caption_set, caption_texts)
     examples = [{"question": item.question.text, "expected": item.question.answer, "answer": text}
                 for item, text in list(zip(question_set, question_answers))[:len(TASKS)]]

@@ -40,7 +40,7 @@ class Architecture:
     llm_hidden: int = 128
     llm_layers: int = 12
     llm_heads: int = 4
-    llm_intermediate: int = 512
+    llm_intermediate: int = 256
 
     @property
     def grid(self) -> int:

@@ -33,6 +33,7 @@ VALIDATION_SEED_START = 20_000_000
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 # Extra draws of the tasks whose questions vary most within one scene (which colour / pair is asked about).
 EXTRA_TURNS = ("presence", "presence", "count_colour", "count_shape")
+BACKGROUND_WEIGHT = 0.2
 PATCH_OBJECT_THRESHOLD = 0.2  # a patch belongs to an object when the object covers this share of its pixels
 
 
@@ -40,12 +41,12 @@ PATCH_OBJECT_THRESHOLD = 0.2  # a patch belongs to an object when the object cov
 class Recipe:
     architecture: Architecture = field(default_factory=Architecture)
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = 16
     vision_steps: int = 400
     joint_steps: int = 3000
     vision_lr: float = 2e-3
     joint_lr: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     aux_weight: float = 0.5
     validate_every: int = 250
@@ -61,24 +62,67 @@ class Recipe:
 
 
 class AuxiliaryHeads(nn.Module):
-    """Vision-side training targets on the feature layer; not part of the saved model."""
+    """Vision-side training targets on the feature layer; not part of the saved model.
+
+    Per patch: the colour and the shape of the object covering it (class 0 = background; two factorised
+    heads, so shape gets its own gradient rather than one shared with 20 pairs), whether it holds an
+    object's centre (what counting needs), and its quadrant (keeps position in the features). On CLS:
+    which pairs are present (makes the CLS attention, read by VisionZip and FiCoCo-V, look at objects).
+    """
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.patch_pair = nn.Linear(hidden, len(PAIRS) + 1)  # class 0 = background
+        self.patch_colour = nn.Linear(hidden, len(COLOURS) + 1)
+        self.patch_shape = nn.Linear(hidden, len(SHAPES) + 1)
         self.patch_centre = nn.Linear(hidden, 1)
+        self.patch_quadrant = nn.Linear(hidden, 4)
         self.cls_pairs = nn.Linear(hidden, len(PAIRS))
 
-    def loss(self, features: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, float]:
-        """Sum of the three losses on `features` [B, 1 + P, H], and the pair accuracy on patches covered by objects."""
+    def loss(self, features: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Sum of the losses on `features` [B, 1 + P, H], and colour / shape accuracy on object patches."""
         cls, patches = features[:, 0].float(), features[:, 1:].float()
-        pair_logits = self.patch_pair(patches)
-        pair_loss = F.cross_entropy(pair_logits.flatten(0, 1), targets["patch_pair"].flatten())
-        centre_loss = F.binary_cross_entropy_with_logits(self.patch_centre(patches).squeeze(-1), targets["patch_centre"])
-        cls_loss = F.binary_cross_entropy_with_logits(self.cls_pairs(cls), targets["cls_pairs"])
-        on_object = targets["patch_pair"] > 0
-        accuracy = (pair_logits.argmax(-1) == targets["patch_pair"])[on_object].float().mean().item()
-        return pair_loss + centre_loss + cls_loss, accuracy
+        pair = targets["patch_pair"]
+        on_object = pair > 0
+        colour = torch.where(on_object, (pair - 1) // len(SHAPES) + 1, 0)
+        shape = torch.where(on_object, (pair - 1) % len(SHAPES) + 1, 0)
+        loss, accuracy = torch.zeros(()), {}
+        for name, head, target in (("colour", self.patch_colour, colour), ("shape", self.patch_shape, shape)):
+            logits = head(patches)
+            # background is ~85 % of patches: down-weighted so that the object patches drive learning
+            weight = torch.ones(logits.shape[-1])
+            weight[0] = BACKGROUND_WEIGHT
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten(), weight=weight)
+            accuracy[name] = (logits.argmax(-1) == target)[on_object].float().mean().item()
+        loss = loss + F.binary_cross_entropy_with_logits(self.patch_centre(patches).squeeze(-1), targets["patch_centre"])
+        quadrants = patch_quadrants(patches.shape[1]).repeat(patches.shape[0])
+        loss = loss + F.cross_entropy(self.patch_quadrant(patches).flatten(0, 1), quadrants)
+        loss = loss + F.binary_cross_entropy_with_logits(self.cls_pairs(cls), targets["cls_pairs"])
+        return loss, accuracy
+
+
+def init_grid_positions(model, scale: float = 0.3) -> None:
+    """Start the tower's learned position embeddings from 2-D sin/cos of (row, col) instead of noise.
+
+    From noise, attention needs thousands of images to find a patch's neighbours, and shapes (which span
+    2-3 patches) stay at chance meanwhile; with a grid-aware start they are learned from the first steps.
+    """
+    embedding = model.model.vision_tower.embeddings.position_embedding.weight
+    dim = embedding.shape[1]
+    grid = math.isqrt(embedding.shape[0] - 1)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    frequencies = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))
+    angles = [axis.flatten()[:, None].float() * frequencies for axis in (rows, cols)]
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+    with torch.no_grad():
+        embedding.zero_()
+        embedding[1:, :table.shape[1]] = scale * table
+
+
+def patch_quadrants(patches: int) -> Tensor:
+    """Quadrant index (0 top left, 1 top right, 2 bottom left, 3 bottom right) of each patch of a square grid."""
+    grid = math.isqrt(patches)
+    half = torch.arange(grid) >= grid / 2
+    return (2 * half[:, None].long() + half[None, :].long()).flatten()
 
 
 def vision_targets(scenes: list[Scene], index_maps: list[np.ndarray], arch: Architecture) -> dict[str, Tensor]:
@@ -186,6 +230,7 @@ def train(recipe: Recipe, out: Path, log: Callable[[str], None]) -> dict:
     arch = recipe.architecture
     processor = build_processor(arch)
     model = build_model(processor.tokenizer, arch, recipe.seed).train()
+    init_grid_positions(model)
     heads = AuxiliaryHeads(arch.vision_hidden)
     tap = FeatureTap(model, model.config.vision_feature_layer)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16)
@@ -209,7 +254,8 @@ def train(recipe: Recipe, out: Path, log: Callable[[str], None]) -> dict:
         torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
         optimiser.step()
         if step % 25 == 0 or step == recipe.vision_steps - 1:
-            log(f"vision step {step} loss {loss.item():.3f} patch-acc {patch_accuracy:.3f} "
+            log(f"vision step {step} loss {loss.item():.3f} colour-acc {patch_accuracy['colour']:.3f} "
+                f"shape-acc {patch_accuracy['shape']:.3f} "
                 f"images {next_seed - recipe.train_seed_start} {time.time() - started:.0f}s")
 
     params = list(model.parameters()) + list(heads.parameters())
@@ -229,9 +275,9 @@ def train(recipe: Recipe, out: Path, log: Callable[[str], None]) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
-        if step % 25 == 0:
+        if step % 10 == 0:
             log(f"joint step {step} answer-loss {output.loss.item():.3f} aux {aux_loss.item():.3f} "
-                f"patch-acc {patch_accuracy:.3f} images {next_seed - recipe.train_seed_start} "
+                f"colour-acc {patch_accuracy['colour']:.3f} shape-acc {patch_accuracy['shape']:.3f} images {next_seed - recipe.train_seed_start} "
                 f"{time.time() - started:.0f}s")
         if (step + 1) % recipe.validate_every == 0 or step == recipe.joint_steps - 1:
             accuracy = validate(model, validation)

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.benchmark import Item, caption_items, question_items, retention, score
+from pipeline.benchmark import Item, ObjectOracle, caption_items, object_coverage, question_items, retention, score
 from pipeline.reference import Architecture, build_model, build_processor, prompt
 from pipeline.reference_training import (PAIRS, answer_accuracy, make_batch, pack_turns, scene_questions,
                                          vision_targets)
 from pipeline.scenes import CAPTION_TASK, TASKS, generate_scene, render_scene, vocabulary
+from reducers.step import Step
 
 SMALL = Architecture(vision_layers=2, llm_layers=2, vision_hidden=32, llm_hidden=32, llm_intermediate=64)
 
@@ -115,3 +116,35 @@ def test_score_and_retention():
     assert retention(0.45, 0.9) == pytest.approx(0.5)
     assert retention(0.5, 0.0) is None and retention(None, 0.9) is None
     assert isinstance(items[0], Item) and np.isfinite(result["caption_precision"])
+
+
+def test_object_oracle_keeps_the_patches_objects_cover():
+    scenes = [generate_scene(seed) for seed in (3, 4)]
+    coverage = object_coverage(scenes, 14)
+    for scene, row in zip(scenes, coverage):
+        _, index_map = render_scene(scene)
+        assert row.sum() * 14 * 14 == pytest.approx(float((index_map >= 0).sum()))
+    oracle = ObjectOracle(coverage=coverage)
+    patches = coverage.shape[1]
+    cand = torch.arange(patches).expand(2, patches)
+    keep = torch.tensor([8, 16])
+    step = Step(hidden=torch.zeros(2, patches + 1, 4), q=torch.zeros(2, 1, patches + 1, 4),
+                k=torch.zeros(2, 1, patches + 1, 4), key_valid=torch.ones(2, patches + 1, dtype=torch.bool),
+                cand=cand + 1, cand_valid=torch.ones(2, patches, dtype=torch.bool), keep=keep, causal=False,
+                grid=(12, 12), slots=cand)
+    reduction = oracle.reduce_vision(step)
+    for row in range(2):
+        kept = reduction.kept[row][reduction.kept_valid[row]]
+        assert len(kept) == keep[row]
+        covered = int((coverage[row] > 0).sum())
+        best = torch.sort(coverage[row], descending=True).values[:keep[row]]
+        assert torch.equal(torch.sort(coverage[row][kept], descending=True).values, best)
+        assert covered >= keep[row] or (coverage[row][kept] > 0).sum() == covered
+
+
+def test_object_oracle_refuses_to_run_blind():
+    with pytest.raises(RuntimeError, match="coverage"):
+        ObjectOracle().reduce_vision(Step(hidden=torch.zeros(1, 2, 1), q=torch.zeros(1, 1, 2, 1), k=torch.zeros(1, 1, 2, 1),
+                                          key_valid=torch.ones(1, 2, dtype=torch.bool), cand=torch.ones(1, 1, dtype=torch.long),
+                                          cand_valid=torch.ones(1, 1, dtype=torch.bool), keep=torch.ones(1, dtype=torch.long),
+                                          causal=False, grid=(1, 1), slots=torch.zeros(1, 1, dtype=torch.long)))
