@@ -19,6 +19,7 @@ LlavaNextForConditionalGeneration:
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -142,13 +143,14 @@ class Runtime:
     def _wrap_image_features(self) -> None:
         """generate runs the tower before the first forward: wrap the model's get_image_features (per instance)."""
         original = self.base.get_image_features
+        signature = inspect.signature(original)
 
         @functools.wraps(original)
-        def get_image_features(pixel_values, *args, image_sizes=None, **kwargs):
+        def get_image_features(*args, **kwargs):
+            given = signature.bind(*args, **kwargs).arguments  # LLaVA-NeXT's forward passes image_sizes positionally
             start = _now(self.model)
-            self.images = self._locate_images(pixel_values, image_sizes)
-            output = original(pixel_values, *args, image_sizes=image_sizes, **kwargs) if image_sizes is not None \
-                else original(pixel_values, *args, **kwargs)
+            self.images = self._locate_images(given["pixel_values"], given.get("image_sizes"))
+            output = original(*args, **kwargs)
             self.images.seconds = _now(self.model) - start
             return output
         self.base.get_image_features = get_image_features

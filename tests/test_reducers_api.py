@@ -1,0 +1,145 @@
+"""Public API, budgets and the shared building blocks of reducers/."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import reducers
+from conftest import get_tiny
+from reducers import budget, scores, stages
+from reducers.step import Step
+from reducers.tiny import TinySpec, build_model, build_processor
+
+
+def test_available_lists_every_method():
+    assert reducers.available() == sorted(["none", "random", "fastv", "visionzip", "ficoco-v", "ficoco-l", "ficoco-vl"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="nope", visual_tokens=64), "unknown reduction method 'nope'; available: "),
+    (dict(name="fastv"), "exactly one budget"),
+    (dict(name="fastv", visual_tokens=64, ratio=0.1), "exactly one budget"),
+    (dict(name="fastv", visual_tokens=600), "above the full count of 576"),
+    (dict(name="fastv", ratio=1.5), "ratio must be in (0, 1]"),
+    (dict(name="fastv", visual_tokens=10), "smallest budget it can meet is 36 of 576"),
+    (dict(name="ficoco-l", ratio=0.05), "smallest budget it can meet is 54 of 576"),
+    (dict(name="fastv", visual_tokens=64, layer_k=3), "fastv has no parameter(s) ['layer_k']"),
+    (dict(name="none", visual_tokens=64), "`none` keeps every visual token"),
+])
+def test_bad_requests_are_refused_with_a_message_that_says_what_is_allowed(kwargs, message):
+    model = get_tiny("llava").model
+    with pytest.raises(ValueError) as error:
+        reducers.attach(model, **kwargs)
+    assert message in str(error.value)
+    with pytest.raises(ValueError):  # the same check runs on the config alone, before any weights load
+        reducers.validate(model.config, **kwargs)
+    assert not model.model.language_model.layers[0]._forward_pre_hooks  # nothing was attached
+
+
+def test_unsupported_model_class_is_refused():
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(ValueError, match="unsupported model class LlamaForCausalLM; supported: LlavaForConditionalGeneration"):
+        reducers.attach(llama, "fastv", visual_tokens=64)
+
+
+@pytest.mark.parametrize("method", [m for m in reducers.available() if m != "none"])
+@pytest.mark.parametrize("n", [192, 128, 64])
+def test_schedule_meets_the_layer_averaged_budget(method, n):
+    config = get_tiny("llava").model.config
+    plan = reducers.schedule(config, method, visual_tokens=n)
+    assert abs(plan["visual_tokens_avg"] - n) <= 576 / len(plan["visual_tokens_per_layer"])
+    vision_side = reducers.validate(config, method, visual_tokens=n).vision_share == 1.0
+    if vision_side:  # a vision-side method feeds exactly N tokens to the LLM
+        assert set(plan["visual_tokens_per_layer"]) == {n}
+        assert plan["vision_tokens_per_layer"][-1] <= 577
+
+
+def test_llm_counts_single_layer_is_the_closed_form_and_many_layers_shrink():
+    entering, n = torch.tensor([576, 576]), torch.tensor([64, 192])
+    (single,) = budget.llm_counts(entering, n, [2], 32)
+    assert single.tolist() == [round((64 * 32 - 2 * 576) / 30), round((192 * 32 - 2 * 576) / 30)]
+    counts = budget.llm_counts(entering, n, [2, 6, 10, 14], 32)
+    assert all((a >= b).all() for a, b in zip(counts, counts[1:]))
+    bounds = [2, 6, 10, 14, 32]
+    average = (2 * entering + sum((bounds[i + 1] - bounds[i]) * c for i, c in enumerate(counts))) / 32
+    assert ((average - n).abs() <= 1).all()
+
+
+def test_split_by_weight_gives_each_group_its_total():
+    total = torch.tensor([10, 7])
+    weights = torch.tensor([144, 100, 44, 144, 144])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    share = budget.split_by_weight(total, weights, groups)
+    assert share.tolist()[:3] == [5, 3, 2]  # 5, 3.47, 1.53: the spare unit goes to .53 and sum(share.tolist()[:3]) == 10 and sum(share.tolist()[3:]) == 7
+
+
+def make_step(n=2, s=7, h=4, h_kv=2, d=8, causal=True, seed=0) -> Step:
+    g = torch.Generator().manual_seed(seed)
+    key_valid = torch.ones(n, s, dtype=torch.bool)
+    key_valid[1, :2] = False  # row 1 is left-padded
+    visual = torch.zeros(n, s, dtype=torch.bool)
+    visual[:, 3:6] = True
+    cand, cand_valid = stages.pack(visual & key_valid)
+    return Step(hidden=torch.randn(n, s, 16, generator=g), q=torch.randn(n, h, s, d, generator=g),
+                k=torch.randn(n, h_kv, s, d, generator=g), key_valid=key_valid, cand=cand, cand_valid=cand_valid,
+                keep=torch.tensor([2, 2]), causal=causal, text=key_valid & ~visual)
+
+
+def test_attention_rows_equal_eager_softmax_with_gqa_padding_and_causality():
+    step = make_step()
+    rows = torch.tensor([[6, 4], [6, 3]])
+    got = scores.attention_rows(step, rows)
+    k = step.k.repeat_interleave(2, dim=1)  # [N, H, S, d]
+    logits = step.q @ k.transpose(-1, -2) / 8 ** 0.5
+    allowed = step.key_valid[:, None, None, :] & (torch.arange(7)[None, :] <= torch.arange(7)[:, None])
+    expected = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).mean(1)  # [N, S, S]
+    torch.testing.assert_close(got, expected.gather(1, rows[..., None].expand(-1, -1, 7)))
+    assert got[1, :, :2].abs().max() == 0  # padding receives no attention
+
+
+def test_split_keeps_the_highest_scores_in_ascending_order_deterministically():
+    step = make_step()
+    score = torch.tensor([[0.9, 0.9, 0.9], [0.5, 0.2, 0.7]])
+    parts = stages.split(step, score)
+    assert parts.kept.tolist() == [[0, 1], [0, 2]]  # a three-way tie goes to the earlier candidates
+    assert parts.dropped.tolist() == [[2], [1]]
+
+
+def test_merge_is_the_self_preserving_average():
+    kept = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    dropped = torch.tensor([[[3.0, 3.0]]])
+    alpha = torch.tensor([[[1.0, 0.0]]])
+    merged = stages.merge_self_preserving(kept, dropped, alpha)
+    assert merged.tolist() == [[[2.0, 2.0], [0.0, 0.0]]]  # (x_j + 1 * x_i) / (1 + 1); untouched target unchanged
+
+
+def test_quantile_targets_pick_the_top_correlations_and_normalise():
+    corr = torch.tensor([[[0.1, 0.5, 0.4, 0.05]]])
+    parts = stages.Split(torch.tensor([[0, 1, 2, 3]]), torch.ones(1, 4, dtype=torch.bool),
+                         torch.tensor([[0]]), torch.ones(1, 1, dtype=torch.bool))
+    alpha = stages.quantile_targets(corr, parts, eps=0.6)
+    assert alpha[0, 0].nonzero().view(-1).tolist() == [1, 2]
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(1, 1))
+
+
+def test_local_penalty_doubles_each_window_maximum():
+    step = make_step()
+    step.grid, step.cand_valid = (2, 2), torch.ones(1, 4, dtype=torch.bool)
+    step.slots = torch.tensor([[0, 1, 2, 3]])
+    out = stages.local_penalty(torch.tensor([[1.0, 3.0, 2.0, 1.0]]), step)
+    assert out.tolist() == [[0.0, 4.0, 1.0, 0.0]]  # shifted by the minimum, then the window's maximum doubled
+
+
+@pytest.mark.parametrize("method", ["ficoco-v", "visionzip", "random", "ficoco-vl"])
+def test_vision_methods_scale_to_a_two_layer_tower(method):
+    spec = TinySpec(vision_layers=2, llm_layers=8)
+    processor = build_processor(spec)
+    model = build_model(processor.tokenizer, spec)
+    tiny = get_tiny("llava")
+    batch = processor(images=tiny.images[:2], text=tiny.prompts[:2], padding=True, return_tensors="pt")
+    with reducers.attach(model, method, ratio=0.25) as att, torch.inference_mode():
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert att.stats["visual_tokens_avg"] == pytest.approx([144.0, 144.0], abs=576 / 8)
+    assert att.stats["vision_tokens_per_layer"][0] == 2 * 577
