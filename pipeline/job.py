@@ -86,7 +86,9 @@ def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]):
     return (ray.data.from_items([{"shard": s.name} for s in pending], override_num_blocks=len(pending))
             .map_batches(_read, fn_kwargs={"fs": fs, "shards": shards, "config": config},
                          batch_size=1, batch_format="pyarrow")
-            .map_batches(prepare, fn_kwargs={"config": config}, batch_size=config.batch_size, batch_format="pyarrow")
+            # batch_size=None: one call per shard's block, so Ray does not bundle several shards into one task
+            # (rows would then reach the actors only when every shard of the bundle is decoded)
+            .map_batches(prepare, fn_kwargs={"config": config}, batch_size=None, batch_format="pyarrow")
             .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus},
                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=config.batch_size,
                          batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus))
