@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.bundled import BUNDLED_MODEL
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+SAMPLES = Path(__file__).resolve().parent / "assets" / "samples"
 TASKS = ("caption", "vqa")
 FORMATS = ("auto", "parquet", "webdataset", "images")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -34,8 +34,8 @@ def _opt(default: Any, help: str, metavar: str = "", flag: bool = True) -> Any:
 class JobConfig:
     task: str = _opt("caption", "caption (free text per image) or vqa (answer a question per image); "
                                 "set by the entry point", flag=False)
-    input: str = _opt(str(ASSETS), "input URI: s3://, gs://, file:// or a local path; a folder of shards or one shard "
-                                   "(default: the bundled sample images, pipeline/assets)", "URI")
+    input: str = _opt(str(SAMPLES), "input URI: s3://, gs://, file:// or a local path; a folder of shards or one shard "
+                                   "(default: the bundled sample images, pipeline/assets/samples)", "URI")
     output: str = _opt("out", "output URI: results/, costs/ and summary.json are written under it", "URI")
     format: str = _opt("auto", "input format: parquet, webdataset (tar), images (a folder), or auto "
                                "(from the file extensions found)", "{auto,parquet,webdataset,images}")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_run_the_bundled_job():
     config = parse_args("caption", [])
     assert config == JobConfig(task="caption")
-    assert Path(config.input) == ROOT / "pipeline" / "assets" and config.output == "out"
+    assert Path(config.input) == ROOT / "pipeline" / "assets" / "samples" and config.output == "out"
     assert config.model == "bundled" and config.reducer == "none"
 
 
