@@ -23,10 +23,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     defaults = Recipe()
-    for name in ("seed", "batch_size", "vision_steps", "joint_steps", "validate_every", "threads"):
+    for name in ("seed", "batch_size", "vision_steps", "joint_steps", "validate_every", "threads", "train_seed_start"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("vision_lr", "joint_lr", "aux_weight"):
+    for name in ("vision_lr", "joint_lr", "aux_weight", "joint_vision_lr_scale"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument("--init-from", help="start from a folder saved by an earlier run (not the committed recipe)")
     args = parser.parse_args()
     recipe = Recipe(**{k: v for k, v in vars(args).items() if k != "out"})
 

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from safetensors.torch import load_file, save_file
+from transformers import LlavaForConditionalGeneration
+
 from pipeline.reference import Architecture, build_model, build_processor
 from pipeline.scenes import (CAPTION_TASK, COLOURS, SHAPES, TASKS, Question, Scene, ask, generate_scene,
                              patch_coverage, render_scene)
@@ -34,6 +37,7 @@ PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 # Extra draws of the tasks whose questions vary most within one scene (which colour / pair is asked about).
 EXTRA_TURNS = ("presence", "presence", "count_colour", "count_shape")
 BACKGROUND_WEIGHT = 0.2
+AUX_HEADS_FILE = "aux_heads.safetensors"
 PATCH_OBJECT_THRESHOLD = 0.2  # a patch belongs to an object when the object covers this share of its pixels
 
 
@@ -48,7 +52,9 @@ class Recipe:
     joint_lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
-    aux_weight: float = 0.5
+    aux_weight: float = 1.0
+    joint_vision_lr_scale: float = 0.3
+    init_from: str | None = None    # a folder saved by an earlier run (probes chain stages this way)
     validate_every: int = 250
     threads: int = 1
     bf16: bool = True
@@ -225,66 +231,109 @@ def answer_accuracy(logits: Tensor, labels: Tensor, tasks: list[list[str]]) -> d
     return {task: sum(v) / len(v) for task, v in sorted(hits.items())}
 
 
+class Trainer:
+    """The two stages over one model, its auxiliary heads and a running training-seed counter."""
+
+    def __init__(self, recipe: Recipe, out: Path, log: Callable[[str], None]):
+        torch.set_num_threads(recipe.threads)
+        self.recipe, self.out, self.log = recipe, out, log
+        self.arch = recipe.architecture
+        self.processor = build_processor(self.arch)
+        self.heads = AuxiliaryHeads(self.arch.vision_hidden)
+        if recipe.init_from:
+            self.model = LlavaForConditionalGeneration.from_pretrained(recipe.init_from, local_files_only=True)
+            self.heads.load_state_dict(load_file(Path(recipe.init_from) / AUX_HEADS_FILE))
+        else:
+            self.model = build_model(self.processor.tokenizer, self.arch, recipe.seed)
+            init_grid_positions(self.model)
+        self.model.train()
+        self.tap = FeatureTap(self.model, self.model.config.vision_feature_layer)
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16)
+        self.next_seed = recipe.train_seed_start
+        self.started = time.time()
+        self.history: list[dict] = []
+
+    def batch(self, with_text: bool) -> dict:
+        seeds = range(self.next_seed, self.next_seed + self.recipe.batch_size)
+        self.next_seed += self.recipe.batch_size
+        return make_batch(seeds, self.processor, self.arch, with_text)
+
+    def progress(self) -> str:
+        return f"images {self.next_seed - self.recipe.train_seed_start} {time.time() - self.started:.0f}s"
+
+    def vision_stage(self) -> None:
+        recipe, tower = self.recipe, self.model.model.vision_tower
+        params = list(tower.parameters()) + list(self.heads.parameters())
+        optimiser = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
+        for step in range(recipe.vision_steps):
+            batch = self.batch(with_text=False)
+            for group in optimiser.param_groups:
+                group["lr"] = recipe.vision_lr * schedule(step, recipe.vision_steps, recipe.warmup_steps)
+            with self.autocast:
+                hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+                loss, accuracy = self.heads.loss(hidden[self.model.config.vision_feature_layer], batch["targets"])
+            optimiser.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            if step % 25 == 0 or step == recipe.vision_steps - 1:
+                self.log(f"vision step {step} loss {loss.item():.3f} colour-acc {accuracy['colour']:.3f} "
+                         f"shape-acc {accuracy['shape']:.3f} {self.progress()}")
+        if recipe.vision_steps:
+            self.save()
+
+    def joint_stage(self) -> None:
+        recipe = self.recipe
+        tower = set(self.model.model.vision_tower.parameters())
+        # the pre-trained tower moves slower, so answer gradients refine its features rather than overwrite them
+        groups = [{"params": [p for p in self.model.parameters() if p not in tower], "scale": 1.0},
+                  {"params": list(tower) + list(self.heads.parameters()), "scale": recipe.joint_vision_lr_scale}]
+        params = [p for g in groups for p in g["params"]]
+        optimiser = torch.optim.AdamW(groups, lr=recipe.joint_lr, weight_decay=recipe.weight_decay)
+        validation = make_batch(range(VALIDATION_SEED_START, VALIDATION_SEED_START + 64), self.processor, self.arch,
+                                with_text=True)
+        for step in range(recipe.joint_steps):
+            batch = self.batch(with_text=True)
+            for group in optimiser.param_groups:
+                group["lr"] = recipe.joint_lr * group["scale"] * schedule(step, recipe.joint_steps, recipe.warmup_steps)
+            with self.autocast:
+                output = self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                                    attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                                    labels=batch["labels"])
+                aux_loss, accuracy = self.heads.loss(self.tap.features, batch["targets"])
+            loss = output.loss + recipe.aux_weight * aux_loss
+            optimiser.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            if step % 10 == 0:
+                self.log(f"joint step {step} answer-loss {output.loss.item():.3f} aux {aux_loss.item():.3f} "
+                         f"colour-acc {accuracy['colour']:.3f} shape-acc {accuracy['shape']:.3f} {self.progress()}")
+            if (step + 1) % recipe.validate_every == 0 or step == recipe.joint_steps - 1:
+                scores = validate(self.model, validation)
+                self.history.append({"joint_step": step + 1, "seconds": round(time.time() - self.started), **scores})
+                self.log(f"validation {json.dumps(self.history[-1])}")
+                self.save()
+
+    def save(self) -> None:
+        """The model (safetensors) and processor, the recipe with the validation history, and the auxiliary
+        heads in a separate file (only `--init-from` reads it; the model folder loads without it)."""
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.processor.save_pretrained(out)
+        save_file(self.heads.state_dict(), out / AUX_HEADS_FILE)
+        (out / "recipe.json").write_text(json.dumps({"recipe": asdict(self.recipe), "validation": self.history,
+                                                     "training_images": self.next_seed - self.recipe.train_seed_start,
+                                                     "seconds": round(time.time() - self.started)}, indent=1) + "\n")
+
+
 def train(recipe: Recipe, out: Path, log: Callable[[str], None]) -> dict:
-    torch.set_num_threads(recipe.threads)
-    arch = recipe.architecture
-    processor = build_processor(arch)
-    model = build_model(processor.tokenizer, arch, recipe.seed).train()
-    init_grid_positions(model)
-    heads = AuxiliaryHeads(arch.vision_hidden)
-    tap = FeatureTap(model, model.config.vision_feature_layer)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16)
-    validation = make_batch(range(VALIDATION_SEED_START, VALIDATION_SEED_START + 64), processor, arch, with_text=True)
-    next_seed = recipe.train_seed_start
-    started = time.time()
-    history = []
-
-    vision_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-    optimiser = torch.optim.AdamW(vision_params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
-    for step in range(recipe.vision_steps):
-        batch = make_batch(range(next_seed, next_seed + recipe.batch_size), processor, arch, with_text=False)
-        next_seed += recipe.batch_size
-        for group in optimiser.param_groups:
-            group["lr"] = recipe.vision_lr * schedule(step, recipe.vision_steps, recipe.warmup_steps)
-        with autocast:
-            hidden = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
-            loss, patch_accuracy = heads.loss(hidden[model.config.vision_feature_layer], batch["targets"])
-        optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
-        optimiser.step()
-        if step % 25 == 0 or step == recipe.vision_steps - 1:
-            log(f"vision step {step} loss {loss.item():.3f} colour-acc {patch_accuracy['colour']:.3f} "
-                f"shape-acc {patch_accuracy['shape']:.3f} "
-                f"images {next_seed - recipe.train_seed_start} {time.time() - started:.0f}s")
-
-    params = list(model.parameters()) + list(heads.parameters())
-    optimiser = torch.optim.AdamW(params, lr=recipe.joint_lr, weight_decay=recipe.weight_decay)
-    for step in range(recipe.joint_steps):
-        batch = make_batch(range(next_seed, next_seed + recipe.batch_size), processor, arch, with_text=True)
-        next_seed += recipe.batch_size
-        for group in optimiser.param_groups:
-            group["lr"] = recipe.joint_lr * schedule(step, recipe.joint_steps, recipe.warmup_steps)
-        with autocast:
-            output = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                           attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                           labels=batch["labels"])
-            aux_loss, patch_accuracy = heads.loss(tap.features, batch["targets"])
-        loss = output.loss + recipe.aux_weight * aux_loss
-        optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        if step % 10 == 0:
-            log(f"joint step {step} answer-loss {output.loss.item():.3f} aux {aux_loss.item():.3f} "
-                f"colour-acc {patch_accuracy['colour']:.3f} shape-acc {patch_accuracy['shape']:.3f} images {next_seed - recipe.train_seed_start} "
-                f"{time.time() - started:.0f}s")
-        if (step + 1) % recipe.validate_every == 0 or step == recipe.joint_steps - 1:
-            accuracy = validate(model, validation)
-            history.append({"joint_step": step + 1, "seconds": round(time.time() - started), **accuracy})
-            log(f"validation {json.dumps(history[-1])}")
-            save(model, processor, recipe, history, out)
-    return history[-1] if history else {}
+    """Run both stages of `recipe`, saving into `out`; returns the last validation scores."""
+    trainer = Trainer(recipe, out, log)
+    trainer.vision_stage()
+    trainer.joint_stage()
+    return trainer.history[-1] if trainer.history else {}
 
 
 @torch.no_grad()
@@ -297,10 +346,3 @@ def validate(model, batch: dict) -> dict[str, float]:
     per_task = answer_accuracy(logits.float(), batch["labels"], batch["tasks"])
     questions = [v for k, v in per_task.items() if k != CAPTION_TASK]
     return {"teacher_forced_vqa": round(sum(questions) / len(questions), 4), **{k: round(v, 3) for k, v in per_task.items()}}
-
-
-def save(model, processor, recipe: Recipe, history: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)  # safetensors
-    processor.save_pretrained(out)
-    (out / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe), "validation": history}, indent=1) + "\n")
