@@ -11,7 +11,8 @@ from pipeline.actor import COST_SCHEMA, OUTPUT_SCHEMA, ModelActor, collate
 from pipeline.config import JobConfig
 from pipeline.decode import pack, prepare, unpack
 from pipeline.sources import SOURCE_SCHEMA
-from pipeline_data import bad_images, good_images, save_test_model
+from pipeline_data import bad_images, good_images, odd_images, save_test_model
+from reducers.tiny import TinySpec, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,16 @@ def test_a_row_that_breaks_generate_fails_alone(model_path):
     assert out[1]["error"].startswith("generation failed") and out[0]["text"] is not None
     ledger = [json.loads(r["cost"]) for r in out if r["cost"]]
     assert sum(c["n_rows"] for c in ledger) == 3 and sum(c["n_errors"] for c in ledger) == 1
+
+
+def test_llava_next_images_with_different_crop_counts_share_a_batch(tmp_path):
+    path = str(tmp_path / "next")
+    save_tiny(path, TinySpec(family="next", image_size=56, llm_layers=4))
+    config = JobConfig(model=path, reducer="ficoco-v", ratio=0.5, batch_size=4, max_new_tokens=2, dtype="fp32")
+    # a 1x1 image gets fewer AnyRes crops than the others: its crops are zero-padded in the batch
+    images = {"a": good_images(1)[0], "b": good_images(1, seed=5)[0], "pixel": odd_images()["one-pixel.png"]}
+    out = ModelActor(config, gpus=0, cpus=1)(_prepared(config, {"s": images})).to_pylist()
+    assert [r["error"] for r in out] == [None] * 3 and len(_ledger(pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA))) == 1
+    tokens_in = {r["id"]: r["visual_tokens_in"] for r in out}
+    assert tokens_in["pixel"] < tokens_in["a"]
+    assert all(r["visual_tokens_budget"] == round(r["visual_tokens_in"] * 0.5) for r in out)
