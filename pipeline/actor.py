@@ -24,31 +24,9 @@ import reducers.accounting
 from pipeline.bundled import resolve_model
 from pipeline.config import JobConfig
 from pipeline.decode import load_processor, unpack
+from pipeline.schema import OUTPUT_SCHEMA
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-RESULT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("shard", pa.string()), ("text", pa.string()), ("question", pa.string()),
-    ("error", pa.string()), ("model", pa.string()), ("reducer", pa.string()),
-    ("visual_tokens_budget", pa.int64()), ("visual_tokens_in", pa.int64()),
-    ("visual_tokens_kept", pa.float64()),  # layer-averaged visual tokens the LLM processed in prefill
-    ("prompt_tokens", pa.int64()), ("generated_tokens", pa.int64()), ("batch_id", pa.string()),
-])
-
-COST_SCHEMA = pa.schema([
-    ("batch_id", pa.string()), ("shard", pa.string()), ("actor", pa.string()),
-    ("n_rows", pa.int64()), ("n_errors", pa.int64()),
-    ("visual_tokens_in", pa.int64()), ("visual_tokens_kept", pa.float64()), ("prompt_tokens", pa.int64()),
-    ("generated_tokens", pa.int64()), ("flops_vision", pa.int64()), ("flops_projector", pa.int64()),
-    ("flops_prefill", pa.int64()), ("flops_decode", pa.int64()), ("flops_total", pa.int64()),
-    ("kv_bytes_peak", pa.int64()), ("wall_s", pa.float64()), ("device", pa.string()),
-    ("device_seconds", pa.float64()), ("cost_usd", pa.float64()),
-])
-
-# What the actor emits to the driver: result rows, each with its shard's row count (to tell when a shard is
-# complete); the first row of each model batch also carries that batch's ledger row as JSON (one table type
-# through Ray Data instead of two outputs).
-OUTPUT_SCHEMA = RESULT_SCHEMA.append(pa.field("shard_rows", pa.int64())).append(pa.field("cost", pa.string()))
 
 ZERO_COST = reducers.accounting.Cost(flops_vision=0, flops_projector=0, flops_prefill=0, flops_decode=0,
                                      flops_total=0, kv_bytes_peak=0)
@@ -58,11 +36,6 @@ def load_model(path: str, dtype: torch.dtype, on_gpu: bool):
     """A LLaVA checkpoint (local path or hub id), loaded the same way by the actor and the benchmark."""
     placement = {"device_map": "auto"} if on_gpu else {}  # accelerate spreads the weights over the actor's GPUs
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **placement).eval()
-
-
-def budget_kwargs(config: JobConfig) -> dict[str, Any]:
-    """The budget arguments of reducers.attach / reducers.validate that the job sets."""
-    return {k: v for k, v in (("visual_tokens", config.visual_tokens), ("ratio", config.ratio)) if v is not None}
 
 
 def collate(rows: list[dict[str, np.ndarray]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -98,7 +71,7 @@ class ModelActor:
             torch.set_num_threads(max(1, int(cpus)))  # a fractional CPU share still runs one thread
         self.model = load_model(resolve_model(config.model), TORCH_DTYPES[config.dtype], on_gpu)
         self.processor = load_processor(config.model)
-        self.attachment = reducers.attach(self.model, config.reducer, **budget_kwargs(config))
+        self.attachment = reducers.attach(self.model, config.reducer, **config.budget())
         self.device = torch.cuda.get_device_name() if on_gpu else "cpu"
         self.name = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.batches = 0

@@ -86,6 +86,10 @@ class JobConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
 
+    def budget(self) -> dict[str, Any]:
+        """The budget arguments of reducers.attach / reducers.validate that the job sets."""
+        return {k: v for k, v in (("visual_tokens", self.visual_tokens), ("ratio", self.ratio)) if v is not None}
+
     def settings(self) -> dict[str, Any]:
         """JSON-ready copy of every setting (for summary.json)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -15,13 +15,7 @@ from PIL import Image
 
 from pipeline.bundled import resolve_model
 from pipeline.config import JobConfig
-
-PREPARED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("shard", pa.string()), ("shard_rows", pa.int64()),
-    ("question", pa.string()), ("error", pa.string()),
-    ("inputs", pa.binary()),  # the processor's arrays for this row, np.savez-packed (null on error rows)
-])
-
+from pipeline.schema import PREPARED_SCHEMA
 
 def to_rgb(data: bytes) -> Image.Image:
     """Encoded image -> RGB. Raises whatever PIL raises for bytes nothing can open (or a truncated file)."""

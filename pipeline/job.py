@@ -1,6 +1,9 @@
 """A whole job: refuse bad settings before anything heavy starts, then stream shards through Ray Data.
 
     pending shards -> read (CPU task per shard) -> decode + processor (CPU) -> model actor pool -> driver sink
+
+Ray, torch and the model code are imported inside the functions that use them, so `--help` and the refusals of
+`plan` answer without starting them.
 """
 from __future__ import annotations
 
@@ -9,13 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.bundled import resolve_model
 from pipeline.config import ConfigError, JobConfig, parse_args
+from pipeline.decode import prepare
+from pipeline.progress import Progress
 from pipeline.sinks import ShardSink, shard_folder
-from pipeline.sources import Shard, check_parquet_columns, list_shards, open_uri, read_shard
+from pipeline.sources import Shard, check_parquet_columns, list_shards, open_uri, read_shards
 
 
 @dataclass
@@ -44,9 +48,8 @@ def load_model_config(model: str):
 def check_reducer(model_config, config: JobConfig) -> None:
     import reducers
 
-    from pipeline.actor import budget_kwargs
     try:
-        reducers.validate(model_config, config.reducer, **budget_kwargs(config))
+        reducers.validate(model_config, config.reducer, **config.budget())
     except ValueError as e:
         raise ConfigError(f"reducer {config.reducer}: {e}") from None
 
@@ -66,8 +69,12 @@ def plan(config: JobConfig) -> Plan:
     return Plan(input_fs, shards, sink, sink.completed())
 
 
-def _read(batch: pa.Table, fs: pafs.FileSystem, shards: dict[str, Shard], config: JobConfig) -> pa.Table:
-    return pa.concat_tables([read_shard(fs, shards[name], config) for name in batch.column("shard").to_pylist()])
+def actor_resources(config: JobConfig, cluster_gpus: float) -> tuple[float, float]:
+    """(GPUs, CPUs) each model actor asks Ray for."""
+    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if cluster_gpus > 0 else 0.0)
+    # CPU-only: a fractional CPU per actor, or a 2-core machine's actors take every CPU and the reads never run.
+    cpus = config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if gpus > 0 else 0.5)
+    return gpus, cpus
 
 
 def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]):
@@ -75,16 +82,12 @@ def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]):
     import ray.data
 
     from pipeline.actor import ModelActor
-    from pipeline.decode import prepare
 
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if has_gpus else 0.0)
-    # CPU-only: a fractional CPU per actor, or a 2-core machine's actors take every CPU and the reads never run.
-    cpus = config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if gpus > 0 else 0.5)
+    gpus, cpus = actor_resources(config, ray.cluster_resources().get("GPU", 0))
     shards = {s.name: s for s in pending}
     lo, hi = config.actors
     return (ray.data.from_items([{"shard": s.name} for s in pending], override_num_blocks=len(pending))
-            .map_batches(_read, fn_kwargs={"fs": fs, "shards": shards, "config": config},
+            .map_batches(read_shards, fn_kwargs={"fs": fs, "shards": shards, "config": config},
                          batch_size=1, batch_format="pyarrow")
             # batch_size=None: one call per shard's block, so Ray does not bundle several shards into one task
             # (rows would then reach the actors only when every shard of the bundle is decoded)
@@ -97,8 +100,6 @@ def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]):
 def run(config: JobConfig) -> dict[str, Any]:
     """Run the job to the end (or resume it); returns the summary that is also written to summary.json."""
     import ray
-
-    from pipeline.progress import Progress
 
     job = plan(config)
     pending = job.pending

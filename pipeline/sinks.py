@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.actor import COST_SCHEMA, RESULT_SCHEMA
 from pipeline.config import ConfigError
+from pipeline.schema import COST_SCHEMA, RESULT_SCHEMA
 
 MARKER = "_SUCCESS"
 

@@ -19,16 +19,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.schema import SOURCE_SCHEMA
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SHARD_EXTENSIONS = {"parquet": (".parquet",), "webdataset": (".tar",), "images": IMAGE_EXTENSIONS}
-
-# One row per input sample; `error` is set when the sample cannot even be read (no image in it).
-SOURCE_SCHEMA = pa.schema([
-    ("id", pa.string()), ("shard", pa.string()), ("shard_rows", pa.int64()),
-    ("image", pa.binary()), ("question", pa.string()), ("error", pa.string()),
-])
-
 
 @dataclass(frozen=True)
 class Shard:
@@ -85,6 +79,11 @@ def check_parquet_columns(fs: pafs.FileSystem, shard: Shard, config: JobConfig) 
         if column not in names:
             raise ConfigError(f"Parquet input {shard.name} has no column {column!r} (columns: {', '.join(names)}); "
                               f"set --{'id' if column == config.id_column else 'image'}-column")
+
+
+def read_shards(batch: pa.Table, fs: pafs.FileSystem, shards: dict[str, Shard], config: JobConfig) -> pa.Table:
+    """Ray map_batches function: a batch of shard names -> all their source rows."""
+    return pa.concat_tables([read_shard(fs, shards[name], config) for name in batch.column("shard").to_pylist()])
 
 
 def read_shard(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> pa.Table:

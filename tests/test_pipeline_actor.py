@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.actor import COST_SCHEMA, OUTPUT_SCHEMA, ModelActor, collate
+from pipeline.actor import ModelActor, collate
 from pipeline.config import JobConfig
 from pipeline.decode import pack, prepare, unpack
-from pipeline.sources import SOURCE_SCHEMA
+from pipeline.schema import COST_SCHEMA, OUTPUT_SCHEMA, RESULT_SCHEMA, SOURCE_SCHEMA
 from pipeline_data import bad_images, good_images, odd_images, save_test_model
 from reducers.tiny import TinySpec, save_tiny
 
@@ -28,6 +28,15 @@ def _prepared(config: JobConfig, shards: dict[str, dict[str, bytes]]) -> pa.Tabl
 
 def _ledger(out: pa.Table) -> list[dict]:
     return [json.loads(c) for c in out.column("cost").to_pylist() if c is not None]
+
+
+def test_output_tables_have_the_promised_columns():
+    assert {"id", "shard", "text", "question", "error", "model", "reducer", "visual_tokens_budget", "visual_tokens_in",
+            "prompt_tokens", "generated_tokens"} <= set(RESULT_SCHEMA.names)
+    assert {"batch_id", "shard", "actor", "n_rows", "n_errors", "visual_tokens_in", "visual_tokens_kept",
+            "prompt_tokens", "generated_tokens", "flops_prefill", "flops_decode", "kv_bytes_peak", "wall_s", "device",
+            "device_seconds", "cost_usd"} <= set(COST_SCHEMA.names)
+    assert OUTPUT_SCHEMA.names[:len(RESULT_SCHEMA)] == RESULT_SCHEMA.names
 
 
 def test_collate_left_pads_tokens_and_zero_pads_crops():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, JobConfig, build_parser, parse_args
-from pipeline.job import main
+from pipeline.job import actor_resources, main
 from pipeline_data import save_test_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,12 @@ def test_every_option_has_a_flag_with_its_default_in_help():
         if field.metadata["flag"]:
             assert "--" + name.replace("_", "-") in text
     assert text.count("default:") >= sum(f.metadata["flag"] for f in JobConfig.__dataclass_fields__.values())
+
+
+def test_actor_resources_default_to_a_gpu_each_or_half_a_cpu():
+    assert actor_resources(JobConfig(), cluster_gpus=8) == (1.0, 1.0)
+    assert actor_resources(JobConfig(), cluster_gpus=0) == (0.0, 0.5)
+    assert actor_resources(JobConfig(gpus_per_actor=0.5, cpus_per_actor=4), cluster_gpus=8) == (0.5, 4)
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])

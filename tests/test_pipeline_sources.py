@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.decode import PREPARED_SCHEMA, load_processor, prepare, to_rgb, unpack
-from pipeline.sources import SOURCE_SCHEMA, list_shards, open_uri, read_shard
+from pipeline.decode import load_processor, prepare, to_rgb, unpack
+from pipeline.schema import PREPARED_SCHEMA, SOURCE_SCHEMA
+from pipeline.sources import list_shards, open_uri, read_shard
 from pipeline_data import (bad_images, good_images, odd_images, save_test_model, write_parquet_shard,
                            write_tar_shard)
 
