@@ -6,11 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, JobConfig, build_parser, parse_args
 from pipeline.job import actor_resources, main
-from pipeline_data import save_test_model
+from pipeline_data import save_test_model, write_parquet_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +98,10 @@ def refusal_cases(tmp_path) -> dict[str, list[str]]:
     (tmp_path / "empty").mkdir()
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("x")
+    other_columns = tmp_path / "other-columns"
+    write_parquet_shard(other_columns / "0.parquet", {"k": b"jpeg bytes"})
+    pq.write_table(pq.read_table(other_columns / "0.parquet").rename_columns(["key", "jpg"]),
+                   other_columns / "0.parquet")
     common = ["--input", str(images), "--output", str(tmp_path / "out"), "--model", model]
     return {
         "input not found": [*common, "--input", str(tmp_path / "nope")],
@@ -106,6 +111,7 @@ def refusal_cases(tmp_path) -> dict[str, list[str]]:
         "unknown reduction method": [*common, "--reducer", "no-such-method"],
         "above the full count": [*common, "--reducer", "fastv", "--visual-tokens", "100000"],
         "budget": [*common, "--reducer", "fastv"],
+        "has no column 'id'": [*common, "--input", str(other_columns)],
     }
 
 

@@ -32,6 +32,7 @@ def inputs(tmp_path_factory) -> dict[str, object]:
     for i in range(3):  # 12 samples over 3 shards
         write_parquet_shard(parquet / f"part-{i}.parquet", {n: samples[n] for n in names[i::3]},
                             {names[i]: "What colour?"})
+    write_parquet_shard(parquet / "part-3.parquet", {})  # an empty shard: complete once the job has run
     tars = root / "tars"
     write_tar_shard(tars / "00000.tar", {n: samples[n] for n in names[:6]}, {names[0]: "Is it round?"})
     write_tar_shard(tars / "00001.tar", {n: samples[n] for n in names[6:]})
@@ -70,7 +71,8 @@ def test_caption_job_outputs_ledger_and_summary(local_ray, inputs, capsys):
     assert costs["generated_tokens"].sum() == results["generated_tokens"].sum()
     assert (costs["flops_prefill"] > 0).all() and (costs["cost_usd"] > 0).all()
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["rows"], summary["errors"], summary["rows_this_run"], summary["shards_this_run"]) == (12, 3, 12, 3)
+    assert (summary["rows"], summary["errors"], summary["rows_this_run"], summary["shards_this_run"]) == (12, 3, 12, 4)
+    assert (out / "results" / "part-3" / "_SUCCESS").exists() and len(pd.read_parquet(out / "results" / "part-3")) == 0
     assert summary["device_seconds"] == pytest.approx(costs["device_seconds"].sum())
     assert summary["cost_per_1000_images"] == pytest.approx(1000 * costs["cost_usd"].sum() / 12)
     assert summary["images_per_s"] > 0 and summary["settings"]["reducer"] == "fastv"
@@ -98,14 +100,14 @@ def test_resume_skips_finished_shards_and_cleans_a_half_written_one(local_ray, i
     (out / "results" / "part-2" / "_SUCCESS").unlink()
     (out / "costs" / "part-2" / "stray.parquet").write_bytes(b"half a file")
     second = run(parse_args("caption", args))
-    assert (second["rows_this_run"], second["shards_this_run"], second["shards_skipped"]) == (4, 1, 2)
+    assert (second["rows_this_run"], second["shards_this_run"], second["shards_skipped"]) == (4, 1, 3)
     assert (second["rows"], second["errors"]) == (12, 3)
     assert finished.stat().st_mtime_ns == before
     assert not (out / "costs" / "part-2" / "stray.parquet").exists()
     results, costs = _tables(out)
     assert len(results) == 12 and results["id"].is_unique and costs["n_rows"].sum() == 12
     third = run(parse_args("caption", args))  # nothing left to do: no Ray work, totals unchanged
-    assert (third["rows_this_run"], third["rows"], third["shards_skipped"]) == (0, 12, 3)
+    assert (third["rows_this_run"], third["rows"], third["shards_skipped"]) == (0, 12, 4)
     fresh = run(parse_args("caption", [*args, "--overwrite"]))
     assert (fresh["rows_this_run"], fresh["shards_skipped"]) == (12, 0)
     assert finished.stat().st_mtime_ns != before
