@@ -18,6 +18,7 @@ LlavaNextForConditionalGeneration:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -32,6 +33,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from . import budget
 from .methods import Method
 from .shape import ModelShape
+from .scores import query_attention
 from .stages import gather_rows, pack, scatter_rows
 from .step import Reduction, Step
 
@@ -77,7 +79,11 @@ class Pass:
     prompt_tokens: Tensor               # [B]
     images: Images | None = None
     llm_keep: dict[int, Tensor] = field(default_factory=dict)  # LLM site -> [B] visual tokens kept from there on
-    kv: list[Layout] = field(default_factory=list)  # per LLM layer
+    kv: list[Layout] = field(default_factory=list)  # per LLM layer: what its cache holds
+    processed: list[Layout] = field(default_factory=list)  # per LLM layer: the tokens it ran on in prefill
+    input_layout: Layout | None = None  # the layout the LLM itself built this forward's mask and RoPE from
+    received: list[Tensor] = field(default_factory=list)  # per layer [B, S_l]: decode attention paid to each entry
+    after_prefill_visual: Tensor | None = None  # [L, B] visual entries per layer after prefill
     next_position: Tensor | None = None  # [B]
     prefill: bool = True
     forward: int = 0
@@ -99,6 +105,7 @@ class Runtime:
         self.lm = self.base.language_model
         self.vision_sites = method.vision_sites(self.shape) if method.vision_share > 0 else []
         self.llm_sites = method.llm_sites(self.shape)
+        self.evicts = type(method).decode_keep is not Method.decode_keep
         self.pass_: Pass | None = None
         self.images: Images | None = None  # set by the tower run, taken by the next prefill
         self.tower: Tower | None = None
@@ -125,11 +132,14 @@ class Runtime:
                     self._capture_qk(layer.self_attn, j)
                     # prepend: shorten the output before transformers records it as a hidden state
                     add(layer.register_forward_hook(self._vision_site_hook(j), prepend=True))
-        if self.llm_sites:
+        if self.llm_sites or self.evicts:
             for l, layer in enumerate(self.lm.layers):
                 add(layer.register_forward_pre_hook(self._decoder_layer_hook(l), with_kwargs=True))
                 if l + 1 in self.llm_sites:
                     self._capture_qk(layer.self_attn, l)
+                if self.evicts:
+                    add(layer.self_attn.q_proj.register_forward_hook(self._capture_last_query(l)))
+                    add(layer.self_attn.register_forward_hook(self._attention_received(l), with_kwargs=True))
 
     def _capture_qk(self, attn: nn.Module, layer: int) -> None:
         def keep(name):
@@ -139,6 +149,29 @@ class Runtime:
             return hook
         self._handles.append(attn.q_proj.register_forward_hook(keep("q")))
         self._handles.append(attn.k_proj.register_forward_hook(keep("k")))
+
+    def _capture_last_query(self, layer: int):
+        def hook(module, args, output):
+            if self.pass_ is not None:
+                self.captured[f"last{layer}"] = output[:, -1:]  # [B, 1, H*d]: the newest query only
+        return hook
+
+    def _attention_received(self, layer: int):
+        """After layer `layer`'s attention: add what its newest query paid each cached entry (for eviction)."""
+        def hook(module, args, kwargs, output):
+            p = self.pass_
+            cache = kwargs.get("past_key_values")
+            if p is None or cache is None:
+                return None
+            rows = p.kv[layer].valid.shape[0]
+            q = self.captured.pop(f"last{layer}").view(rows, 1, -1, module.head_dim).transpose(1, 2)
+            cos, sin = kwargs["position_embeddings"]
+            q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+            layout = p.kv[layer]
+            paid = query_attention(q, cache.layers[layer].keys, layout.valid[:, None, :])[:, 0]  # [B, S_l]
+            p.received[layer] = paid if p.prefill else p.received[layer] + paid
+            return None
+        return hook
 
     def _wrap_image_features(self) -> None:
         """generate runs the tower before the first forward: wrap the model's get_image_features (per instance)."""
@@ -378,6 +411,9 @@ class Runtime:
         kwargs["position_ids"] = positions
         layout = Layout(valid=valid, visual=visual, positions=positions)
         p.kv = [layout] * self.shape.llm_layers
+        p.processed = list(p.kv)
+        p.input_layout = layout
+        p.received = [None] * self.shape.llm_layers
         p.next_position = positions.masked_fill(~valid, -1).amax(1) + 1
 
     def _prepare_decode(self, kwargs) -> None:
@@ -390,6 +426,9 @@ class Runtime:
             layout.visual = torch.cat([layout.visual, layout.visual.new_zeros(rows, 1)], 1)
             layout.positions = torch.cat([layout.positions, new_position], 1)
             layout.rope = None
+        if self.evicts:
+            p.received = [torch.cat([r, r.new_zeros(rows, 1)], 1) for r in p.received]
+        p.input_layout = p.kv[0]
         kwargs["attention_mask"] = p.kv[0].valid
         kwargs["position_ids"] = new_position
 
@@ -399,27 +438,62 @@ class Runtime:
             p.prefill = False
             self.captured.clear()
             p.stats.update(self._prefill_counts())
+            p.after_prefill_visual = torch.stack([layout.visual.sum(1) for layout in p.kv]).cpu()
+            p.stats["kv_entries_per_step"], p.stats["visual_entries_per_step"] = [], []
+            if self.evicts:  # from here on each layer evicts on its own
+                p.kv = [dataclasses.replace(layout) for layout in p.kv]
         else:
             p.stats["decode_steps"] = p.step
+        self._note_kv_bytes()
+        if self.evicts:
+            allowed = self.method.decode_keep(p.step + 1, p.after_prefill_visual)
+            if allowed is not None:
+                for layer in range(self.shape.llm_layers):
+                    self._evict(layer, allowed[layer], output.past_key_values)
         p.stats["kv_entries_end"] = [layout.valid.sum(1).tolist() for layout in p.kv]
-        allocated = sum(layout.valid.numel() for layout in p.kv)  # entries held per layer, padding included
+        p.stats["kv_entries_per_step"].append(p.stats["kv_entries_end"])
+        p.stats["visual_entries_per_step"].append([layout.visual.sum(1).tolist() for layout in p.kv])
+        return None
+
+    def _note_kv_bytes(self) -> None:
+        """Track the peak bytes the K/V cache holds (padding included: it is allocated)."""
         config = self.lm.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_bytes = allocated * 2 * config.num_key_value_heads * head_dim * self.lm.dtype.itemsize
-        p.stats["kv_bytes_peak"] = max(p.stats["kv_bytes_peak"], kv_bytes)
-        return None
+        entries = sum(layout.valid.numel() for layout in self.pass_.kv)
+        kv_bytes = entries * 2 * config.num_key_value_heads * head_dim * self.lm.dtype.itemsize
+        self.pass_.stats["kv_bytes_peak"] = max(self.pass_.stats["kv_bytes_peak"], kv_bytes)
+
+    def _evict(self, layer: int, allowed: Tensor, cache) -> None:
+        """Let the method choose which visual entries layer `layer` keeps when it holds more than `allowed` [B]."""
+        p, layout = self.pass_, self.pass_.kv[layer]
+        held = layout.visual.sum(1)
+        if bool((held <= allowed).all()):
+            return
+        cand, cand_valid = pack(layout.visual)
+        step = Step(hidden=None, q=None, k=None, key_valid=layout.valid, cand=cand, cand_valid=cand_valid,
+                    keep=torch.minimum(allowed.to(held.device), held), causal=True,
+                    text=layout.valid & ~layout.visual, layer=layer, received=p.received[layer].gather(1, cand))
+        reduction = self._timed(self.method.reduce_decode, step)
+        kept_pos = cand.gather(1, reduction.kept)
+        keep = scatter_rows(layout.valid & ~layout.visual, kept_pos, reduction.kept_valid, reduction.kept_valid)
+        index, valid = _pack_right(keep)
+        _gather_cache(cache, layer, index)
+        p.kv[layer] = Layout(valid=valid, visual=layout.visual.gather(1, index) & valid,
+                             positions=layout.positions.gather(1, index))
+        p.received[layer] = p.received[layer].gather(1, index)
 
     def _prefill_counts(self) -> dict:
         p = self.pass_
-        visual = torch.stack([layout.visual.sum(1) for layout in p.kv])  # [L, B]
-        tokens = torch.stack([layout.valid.sum(1) for layout in p.kv])
+        visual = torch.stack([layout.visual.sum(1) for layout in p.processed])  # [L, B]
+        tokens = torch.stack([layout.valid.sum(1) for layout in p.processed])
+        held = [layout.valid.sum(1).tolist() for layout in p.kv]
         vision = [0] * self.shape.vision_layers
         if p.images is not None:
             crops = int(p.images.crop_keep.shape[0])
             marks = p.images.vision_tokens or [(0, crops * (self.shape.patches + 1))]
             vision = [next(total for start, total in reversed(marks) if start <= j) for j in range(len(vision))]
         return {"visual_tokens_per_layer": visual.tolist(), "tokens_per_layer": tokens.tolist(),
-                "visual_tokens_avg": visual.double().mean(0).tolist(), "kv_entries_prefill": tokens.tolist(),
+                "visual_tokens_avg": visual.double().mean(0).tolist(), "kv_entries_prefill": held,
                 "vision_tokens_per_layer": vision,
                 "num_crops": int(p.images.crop_keep.shape[0]) if p.images is not None else 0}
 
@@ -440,7 +514,7 @@ class Runtime:
         if p.prefill and layer in self.llm_sites and p.images is not None:
             hidden = self._reduce_llm(layer, hidden, kwargs)
         layout = p.kv[layer]
-        if layout is p.kv[0]:
+        if layout is p.input_layout:
             return (hidden, *args[1:]), kwargs
         if layout.mask_forward != p.forward:
             layout.mask = create_causal_mask(config=self.lm.config, inputs_embeds=hidden, attention_mask=layout.valid,
@@ -474,7 +548,15 @@ class Runtime:
         after = Layout(valid=valid, visual=before.visual.gather(1, index) & valid,
                        positions=before.positions.gather(1, index),
                        rope=(gather_rows(cos, index), gather_rows(sin, index)))
-        p.kv[layer:] = [after] * (self.shape.llm_layers - layer)
+        p.kv[layer:] = p.processed[layer:] = [after] * (self.shape.llm_layers - layer)
+        cache = kwargs.get("past_key_values")
+        if self.method.prune_cache_before and cache is not None:
+            self._note_kv_bytes()  # the earlier layers held everything until now
+            for earlier in range(layer):
+                _gather_cache(cache, earlier, index)
+                if p.received[earlier] is not None:
+                    p.received[earlier] = p.received[earlier].gather(1, index)
+            p.kv[:layer] = [after] * layer
         return gather_rows(hidden, index)
 
     def _timed(self, fn, step: Step) -> Reduction:
@@ -483,6 +565,14 @@ class Runtime:
             result = fn(step)
         self.pass_.stats["scoring_seconds"] += _now(self.model) - start
         return result
+
+
+def _gather_cache(cache, layer: int, index: Tensor) -> None:
+    """Keep only the entries `index` [B, W] (per row) of one layer's K/V cache."""
+    entries = cache.layers[layer]
+    heads, dim = entries.keys.shape[1], entries.keys.shape[3]
+    at = index[:, None, :, None].expand(-1, heads, -1, dim)
+    entries.keys, entries.values = entries.keys.gather(2, at), entries.values.gather(2, at)
 
 
 def _pack_right(keep: Tensor) -> tuple[Tensor, Tensor]:

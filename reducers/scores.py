@@ -15,18 +15,24 @@ from .step import Step
 def attention_rows(step: Step, rows: Tensor) -> Tensor:
     """A for query rows `rows` [N, R] (sequence positions) against all keys: [N, R, S], head-averaged."""
     n, h, s, d = step.q.shape
-    h_kv = step.k.shape[1]
-    group = h // h_kv  # grouped-query attention: `group` query heads share one key head
-    q = step.q.gather(2, rows[:, None, :, None].expand(-1, h, -1, d)).float() * d ** -0.5  # [N, H, R, d]
+    q = step.q.gather(2, rows[:, None, :, None].expand(-1, h, -1, d))  # [N, H, R, d]
     allowed = step.key_valid[:, None, :].expand(-1, rows.shape[1], -1)  # [N, R, S]
     if step.causal:
         allowed = allowed & (torch.arange(s, device=rows.device) <= rows[..., None])
-    total = torch.zeros(n, rows.shape[1], s, device=rows.device)
+    return query_attention(q, step.k, allowed)
+
+
+def query_attention(q: Tensor, k: Tensor, allowed: Tensor) -> Tensor:
+    """Head-averaged softmax(q k^T / sqrt(d)) over the allowed keys: q [N, H, R, d], k [N, Hkv, S, d],
+    allowed [N, R, S] -> [N, R, S]. Rows with no allowed key (padding) get zeros."""
+    n, h, r, d = q.shape
+    h_kv, s = k.shape[1], k.shape[2]
+    group = h // h_kv  # grouped-query attention: `group` query heads share one key head
+    q = q.float() * d ** -0.5
+    total = torch.zeros(n, r, s, device=q.device)
     for kv_head in range(h_kv):
-        k = step.k[:, kv_head].float()  # [N, S, d]
-        q_heads = q[:, kv_head * group:(kv_head + 1) * group]  # [N, G, R, d]
-        logits = (q_heads @ k[:, None].transpose(-1, -2)).masked_fill(~allowed[:, None], float("-inf"))
-        total += torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(1)  # fully masked (padding) rows -> 0
+        logits = q[:, kv_head * group:(kv_head + 1) * group] @ k[:, kv_head, None].float().transpose(-1, -2)
+        total += torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1).nan_to_num_(0.0).sum(1)
     return total / h
 
 

@@ -13,10 +13,14 @@ from torch import Tensor
 
 @dataclass
 class Step:
-    """A batch of N sequences (image crops in the tower, prompts in the LLM) at one reduction site."""
-    hidden: Tensor          # [N, S, D] hidden states entering the site
-    q: Tensor               # [N, H, S, d] queries of the layer whose attention scores the tokens (rotated in the LLM)
-    k: Tensor               # [N, Hkv, S, d] its keys
+    """A batch of N sequences (image crops in the tower, prompts in the LLM) at one reduction site.
+
+    At a decode-time site (KV eviction) there are no hidden states or queries: `hidden`, `q`, `k` are None
+    and `received` holds the attention the decode queries have paid each candidate entry so far.
+    """
+    hidden: Tensor | None   # [N, S, D] hidden states entering the site
+    q: Tensor | None        # [N, H, S, d] queries of the layer whose attention scores the tokens (rotated in the LLM)
+    k: Tensor | None        # [N, Hkv, S, d] its keys
     key_valid: Tensor       # [N, S] real tokens (False: padding)
     cand: Tensor            # [N, V] sequence positions of the candidate (visual) tokens, in sequence order
     cand_valid: Tensor      # [N, V] False where a row has fewer candidates than V
@@ -26,6 +30,7 @@ class Step:
     grid: tuple[int, int] | None = None  # vision only: the patch grid (h, w)
     slots: Tensor | None = None     # [N, V] vision only: each candidate's patch index on that grid
     layer: int = 0          # the site's layer index (vision layer j, or LLM layer K)
+    received: Tensor | None = None  # [N, V] decode sites: accumulated attention from the decode queries
 
     @property
     def hidden_cand(self) -> Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from torch import Tensor
+
 from ..shape import ModelShape
 from ..step import Reduction, Step
 
@@ -19,6 +21,7 @@ class Method:
     """Base of every method. Subclasses are dataclasses whose fields are the method's hyperparameters."""
     name: ClassVar[str]
     vision_share: float = 0.0  # share of the reduction (full -> budget) done inside the vision tower
+    prune_cache_before: bool = False  # also cut the caches of the layers before an LLM site to its kept tokens
 
     def vision_sites(self, shape: ModelShape) -> list[int]:
         """Tower layers after which `reduce_vision` runs (ascending)."""
@@ -33,6 +36,14 @@ class Method:
 
     def reduce_llm(self, step: Step) -> Reduction:
         raise TypeError(f"{self.name} declares no LLM sites")
+
+    def decode_keep(self, step: int, after_prefill: Tensor) -> Tensor | None:
+        """Visual KV entries each layer may hold from decode step `step` (1-based) on, given the counts held
+        after prefill [L, B]; None: no eviction. Where a layer holds more, `reduce_decode` chooses."""
+        return None
+
+    def reduce_decode(self, step: Step) -> Reduction:
+        raise TypeError(f"{self.name} evicts nothing during decoding")
 
 
 def register(name: str):
@@ -56,4 +67,4 @@ def create(name: str, **params) -> Method:
 
 
 # importing registers them
-from . import fastv, ficoco_l, ficoco_v, ficoco_vl, none, random, visionzip  # noqa: E402,F401
+from . import fastv, ficoco_l, ficoco_v, ficoco_vl, none, random, st3, tokencarve, visionzip  # noqa: E402,F401
