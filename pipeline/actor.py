@@ -121,9 +121,8 @@ class ModelActor:
         self.batches += 1
         batch_id = f"{self.name}-{self.batches:06d}"
         results = [{"id": r["id"], "shard": r["shard"], "shard_rows": r["shard_rows"], "question": r["question"],
-                    "error": r["error"],
-                    "model": self.config.model, "reducer": self.config.reducer, "batch_id": batch_id,
-                    **per_row.get(i, {})} for i, r in enumerate(rows)]
+                    "error": r["error"], "model": self.config.model, "reducer": self.config.reducer,
+                    "batch_id": batch_id, **per_row.get(i, {})} for i, r in enumerate(rows)]
         results[0]["cost"] = json.dumps(self._ledger_row(batch_id, results, cost, wall))
         return results
 
@@ -134,7 +133,8 @@ class ModelActor:
                 return n
         return len(new_ids)
 
-    def _ledger_row(self, batch_id: str, results: list[dict[str, Any]], cost, wall: float) -> dict[str, Any]:
+    def _ledger_row(self, batch_id: str, results: list[dict[str, Any]], cost: reducers.accounting.Cost,
+                    wall: float) -> dict[str, Any]:
         def total(name: str) -> float:
             return sum(r.get(name) or 0 for r in results)
 
@@ -143,7 +143,8 @@ class ModelActor:
         spent = asdict(cost)
         return {"batch_id": batch_id, "shard": results[0]["shard"], "actor": self.name, "n_rows": len(results),
                 "n_errors": sum(r["error"] is not None for r in results),
-                "visual_tokens_in": int(total("visual_tokens_in")), "visual_tokens_kept": float(total("visual_tokens_kept")),
+                "visual_tokens_in": int(total("visual_tokens_in")),
+                "visual_tokens_kept": float(total("visual_tokens_kept")),
                 "prompt_tokens": int(total("prompt_tokens")), "generated_tokens": int(total("generated_tokens")),
                 **{k: spent[k] for k in ("flops_vision", "flops_projector", "flops_prefill", "flops_decode",
                                          "flops_total", "kv_bytes_peak")},

@@ -144,7 +144,9 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f.metadata["help"] if "default:" in f.metadata["help"] else f"{f.metadata['help']} (default: {shown})"
+        help_text = f.metadata["help"]
+        if "default:" not in help_text:
+            help_text += f" (default: {shown})"
         target = budget if f.name in ("visual_tokens", "ratio") else parser
         if f.type == "bool":
             target.add_argument(flag, action="store_true", help=help_text)

@@ -46,7 +46,8 @@ def test_webdataset_keys_json_questions_and_samples_without_image(tmp_path):
     fs, shards, config = _shards(f"file://{tmp_path}")
     assert [s.name for s in shards] == ["00000.tar", "00001.tar"] and shards[0].format == "webdataset"
     first = read_shard(fs, shards[0], config).to_pylist()
-    assert [(r["id"], r["question"], r["error"]) for r in first] == [("s/000", None, None), ("s/001", "How many?", None)]
+    assert [(r["id"], r["question"], r["error"]) for r in first] == [("s/000", None, None),
+                                                                    ("s/001", "How many?", None)]
     assert first[0]["image"] == samples["s/000.jpg"]
     lonely = read_shard(fs, shards[1], config).to_pylist()
     assert lonely[0]["id"] == "lonely" and "no image" in lonely[0]["error"]
@@ -111,4 +112,5 @@ def test_prepare_turns_each_row_into_tensors_or_an_error(tmp_path):
             assert rows[name]["error"] is None and arrays["pixel_values"].shape == (3, 112, 112)
             assert (arrays["input_ids"] == load_processor(model).tokenizer.convert_tokens_to_ids("<image>")).sum() == 64
         questions = [r["question"] for r in out.to_pylist()]
-        assert questions == ([None] * len(samples) if task == "caption" else ["Own?"] + ["Default?"] * (len(samples) - 1))
+        others = [None if task == "caption" else "Default?"] * (len(samples) - 1)
+        assert questions == [None if task == "caption" else "Own?", *others]
