@@ -54,6 +54,7 @@ class Recipe:
     weight_decay: float = 0.01
     aux_weight: float = 1.0
     joint_vision_lr_scale: float = 0.3
+    align_weight: float = 1.0
     init_from: str | None = None    # a folder saved by an earlier run (probes chain stages this way)
     validate_every: int = 250
     threads: int = 1
@@ -201,14 +202,36 @@ def make_batch(seeds: range, processor, arch: Architecture, with_text: bool) -> 
 
 
 class FeatureTap:
-    """Keeps the vision tower's feature-layer hidden states of the last forward (the ones LLaVA projects)."""
+    """Keeps, from the last forward, the tower's feature-layer hidden states and the projector's output."""
 
     def __init__(self, model, layer: int):
-        self.layer, self.features = layer, None
-        model.model.vision_tower.register_forward_hook(self._keep)
+        self.layer, self.features, self.projected = layer, None, None
+        model.model.vision_tower.register_forward_hook(self._keep_features)
+        model.model.multi_modal_projector.register_forward_hook(self._keep_projected)
 
-    def _keep(self, module, args, output):
+    def _keep_features(self, module, args, output):
         self.features = output.hidden_states[self.layer]
+
+    def _keep_projected(self, module, args, output):
+        self.projected = output
+
+
+def word_alignment_loss(projected: Tensor, patch_pair: Tensor, word_embeddings: Tensor, tok) -> Tensor:
+    """1 - cosine between each object patch's projected feature and the sum of the input embeddings of its
+    colour word and shape word (held fixed as the target).
+
+    The image tokens then read like the words "red circle" to the LM, and the questions become copying from
+    context, which a small LM learns far sooner than decoding free-form visual features.
+    """
+    on_object = patch_pair > 0
+    if not on_object.any():
+        return projected.sum() * 0.0
+    pair = patch_pair[on_object] - 1
+    colour_ids = torch.tensor(tok.convert_tokens_to_ids(list(COLOURS)))
+    shape_ids = torch.tensor(tok.convert_tokens_to_ids(list(SHAPES)))
+    words = word_embeddings.detach()
+    target = words[colour_ids[pair // len(SHAPES)]] + words[shape_ids[pair % len(SHAPES)]]
+    return (1 - F.cosine_similarity(projected[on_object].float(), target.float(), dim=-1)).mean()
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -279,8 +302,8 @@ class Trainer:
             if step % 25 == 0 or step == recipe.vision_steps - 1:
                 self.log(f"vision step {step} loss {loss.item():.3f} colour-acc {accuracy['colour']:.3f} "
                          f"shape-acc {accuracy['shape']:.3f} {self.progress()}")
-        if recipe.vision_steps:
-            self.save()
+            if (step + 1) % recipe.validate_every == 0 or step == recipe.vision_steps - 1:
+                self.save()
 
     def joint_stage(self) -> None:
         recipe = self.recipe
@@ -301,13 +324,16 @@ class Trainer:
                                     attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                                     labels=batch["labels"])
                 aux_loss, accuracy = self.heads.loss(self.tap.features, batch["targets"])
-            loss = output.loss + recipe.aux_weight * aux_loss
+                align_loss = word_alignment_loss(self.tap.projected, batch["targets"]["patch_pair"],
+                                                 self.model.get_input_embeddings().weight, self.processor.tokenizer)
+            loss = output.loss + recipe.aux_weight * aux_loss + recipe.align_weight * align_loss
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
             if step % 10 == 0:
                 self.log(f"joint step {step} answer-loss {output.loss.item():.3f} aux {aux_loss.item():.3f} "
+                         f"align {align_loss.item():.3f} "
                          f"colour-acc {accuracy['colour']:.3f} shape-acc {accuracy['shape']:.3f} {self.progress()}")
             if (step + 1) % recipe.validate_every == 0 or step == recipe.joint_steps - 1:
                 scores = validate(self.model, validation)

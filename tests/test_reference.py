@@ -9,7 +9,7 @@ import torch
 from pipeline.benchmark import Item, ObjectOracle, caption_items, object_coverage, question_items, retention, score
 from pipeline.reference import Architecture, build_model, build_processor, prompt
 from pipeline.reference_training import (PAIRS, answer_accuracy, make_batch, pack_turns, scene_questions,
-                                         vision_targets)
+                                         vision_targets, word_alignment_loss)
 from pipeline.scenes import CAPTION_TASK, TASKS, generate_scene, render_scene, vocabulary
 from reducers.step import Step
 
@@ -148,3 +148,17 @@ def test_object_oracle_refuses_to_run_blind():
                                           key_valid=torch.ones(1, 2, dtype=torch.bool), cand=torch.ones(1, 1, dtype=torch.long),
                                           cand_valid=torch.ones(1, 1, dtype=torch.bool), keep=torch.ones(1, dtype=torch.long),
                                           causal=False, grid=(1, 1), slots=torch.zeros(1, 1, dtype=torch.long)))
+
+
+def test_word_alignment_loss_is_zero_when_patches_read_as_their_words(small):
+    tok = small[0].tokenizer
+    embeddings = torch.randn(len(tok), 8)
+    scene = generate_scene(11)
+    _, index_map = render_scene(scene)
+    pair = vision_targets([scene], [index_map], Architecture())["patch_pair"]
+    projected = torch.randn(1, pair.shape[1], 8)
+    for slot in torch.nonzero(pair[0]).flatten().tolist():
+        colour, shape = PAIRS[int(pair[0, slot]) - 1]
+        projected[0, slot] = 3 * (embeddings[tok.convert_tokens_to_ids(colour)] + embeddings[tok.convert_tokens_to_ids(shape)])
+    assert word_alignment_loss(projected, pair, embeddings, tok) == pytest.approx(0.0, abs=1e-5)
+    assert word_alignment_loss(-projected, pair, embeddings, tok) == pytest.approx(2.0, abs=1e-5)
