@@ -35,6 +35,12 @@ def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
     return order[:, :width], mask.gather(1, order[:, :width])
 
 
+def unpack(index: Tensor, valid: Tensor, width: int) -> Tensor:
+    """The inverse of `pack`: a [N, width] mask, True at the valid per-row indices [N, K]."""
+    mask = torch.zeros(index.shape[0], width + 1, dtype=torch.bool, device=index.device)
+    return mask.scatter_(1, index.masked_fill(~valid, width), True)[:, :width]  # padding lands in a spare column
+
+
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x [N, V, ...] at per-row indices [N, K] -> [N, K, ...]."""
     return x.gather(1, index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
@@ -133,3 +139,37 @@ def spaced(count: Tensor, available: Tensor, width: int) -> tuple[Tensor, Tensor
     index = torch.div(i * available[:, None], count.clamp(min=1)[:, None], rounding_mode="floor")
     valid = i < count[:, None]
     return index.masked_fill(~valid, 0), valid
+
+
+def descending_position(score: Tensor) -> Tensor:
+    """Each entry's place [N, V] when its row is sorted by `score` from high to low (0: highest; ties: earlier first)."""
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    places = torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous()
+    return torch.empty_like(order).scatter_(1, order, places)
+
+
+def rank_weights(score: Tensor, valid: Tensor) -> Tensor:
+    """Rank weights [N, V]: in each row the highest-scoring valid entry gets n (the row's valid count), the next
+    n - 1, ..., the lowest 1; padding 0."""
+    place = descending_position(score.float().masked_fill(~valid, float("-inf")))
+    return (valid.sum(1, keepdim=True) - place).clamp(min=0).float() * valid
+
+
+def merge_most_similar(hidden: Tensor, targets: Tensor, targets_valid: Tensor, sources: Tensor, sources_valid: Tensor,
+                       merges: Tensor) -> tuple[Tensor, Tensor]:
+    """correlate + compress between two groups: each source finds its most cosine-similar target, and the `merges` [N]
+    sources with the highest such similarity are averaged into their targets (a target becomes the plain mean of
+    itself and the sources it absorbs).
+
+    hidden [N, V, D] candidates; targets [N, A] and sources [N, B] index into them. Returns the targets' new states
+    [N, A, D] and which sources were absorbed [N, B] (the others stay as they are).
+    """
+    target_hidden, source_hidden = gather_rows(hidden, targets), gather_rows(hidden, sources)
+    unit_t, unit_s = F.normalize(target_hidden.float(), dim=-1), F.normalize(source_hidden.float(), dim=-1)
+    sim = (unit_s @ unit_t.transpose(1, 2)).masked_fill(~targets_valid[:, None, :], float("-inf"))  # [N, B, A]
+    best, partner = sim.max(-1)  # [N, B]
+    absorbed = (descending_position(best.masked_fill(~sources_valid, float("-inf"))) < merges[:, None]) & sources_valid
+    n_targets = targets.shape[1]
+    members = torch.cat([target_hidden, source_hidden], 1)  # [N, A + B, D]
+    group = torch.cat([torch.arange(n_targets, device=targets.device).expand_as(targets), partner], 1)
+    return average_groups(members, group, torch.cat([targets_valid, absorbed], 1), n_targets), absorbed
