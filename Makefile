@@ -23,7 +23,7 @@ test: $(STAMP)
 	scripts/netns-run $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	scripts/netns-run $(PY) benchmarks/prefill.py
+	$(PY) -m benchmarks.prefill
 
 clean:
 	rm -rf $(VENV) out

@@ -39,6 +39,7 @@ class TinySpec:
     vision_hidden: int = 64
     vision_layers: int = 4
     vision_heads: int = 4
+    vision_intermediate: int = 128
     llm_hidden: int = 64
     llm_layers: int = 32
     llm_heads: int = 4
@@ -85,7 +86,7 @@ def build_model(tok: PreTrainedTokenizerFast, spec: TinySpec = TinySpec(), seed:
                 dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
     """A randomly initialised model of `spec`'s shape (deterministic for `seed`), in eval mode."""
     vision = CLIPVisionConfig(image_size=spec.image_size, patch_size=spec.patch_size, hidden_size=spec.vision_hidden,
-                              intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,
+                              intermediate_size=spec.vision_intermediate, num_hidden_layers=spec.vision_layers,
                               num_attention_heads=spec.vision_heads, hidden_act="quick_gelu")
     text = LlamaConfig(vocab_size=len(tok), hidden_size=spec.llm_hidden, intermediate_size=spec.intermediate,
                        num_hidden_layers=spec.llm_layers, num_attention_heads=spec.llm_heads,
