@@ -2,8 +2,7 @@
 
     pending shards -> read (CPU task per shard) -> decode + processor (CPU) -> model actor pool -> driver sink
 
-Ray, torch and the model code are imported inside the functions that use them, so `--help` and the refusals of
-`plan` answer without starting them.
+torch and the model code are imported inside the functions that use them, so `--help` answers without them.
 """
 from __future__ import annotations
 
@@ -13,13 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
+import ray
+import ray.data
 
 from pipeline.bundled import resolve_model
 from pipeline.config import ConfigError, JobConfig, parse_args
 from pipeline.decode import prepare
 from pipeline.progress import Progress
 from pipeline.sinks import ShardSink, shard_folder
-from pipeline.sources import Shard, check_parquet_columns, list_shards, open_uri, read_shards
+from pipeline.sources import Shard, ShardSource, check_parquet_columns, list_shards, open_uri
 
 
 @dataclass
@@ -77,21 +78,13 @@ def actor_resources(config: JobConfig, cluster_gpus: float) -> tuple[float, floa
     return gpus, cpus
 
 
-def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]):
-    import ray
-    import ray.data
-
+def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]) -> ray.data.Dataset:
     from pipeline.actor import ModelActor
 
     gpus, cpus = actor_resources(config, ray.cluster_resources().get("GPU", 0))
-    shards = {s.name: s for s in pending}
     lo, hi = config.actors
-    return (ray.data.from_items([{"shard": s.name} for s in pending], override_num_blocks=len(pending))
-            .map_batches(read_shards, fn_kwargs={"fs": fs, "shards": shards, "config": config},
-                         batch_size=1, batch_format="pyarrow")
-            # batch_size=None: one call per shard's block, so Ray does not bundle several shards into one task
-            # (rows would then reach the actors only when every shard of the bundle is decoded)
-            .map_batches(prepare, fn_kwargs={"config": config}, batch_size=None, batch_format="pyarrow")
+    return (ray.data.read_datasource(ShardSource(fs, pending, config))
+            .map_batches(prepare, fn_kwargs={"config": config}, batch_size=config.batch_size, batch_format="pyarrow")
             .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus},
                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=config.batch_size,
                          batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus))
@@ -99,8 +92,6 @@ def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]):
 
 def run(config: JobConfig) -> dict[str, Any]:
     """Run the job to the end (or resume it); returns the summary that is also written to summary.json."""
-    import ray
-
     job = plan(config)
     pending = job.pending
     for shard in pending:

@@ -90,7 +90,9 @@ class ShardSink:
         for row in batch.to_pylist():
             shard = row["shard"]
             self.seen.add(shard)
-            self._expected[shard] = row.pop("shard_rows")
+            count = row.pop("shard_rows")  # set on the rows of the shard's last chunk only
+            if count is not None:
+                self._expected[shard] = count
             cost = row.pop("cost")
             if cost is not None:
                 self._costs[shard].append(json.loads(cost))
@@ -98,7 +100,7 @@ class ShardSink:
             self._results[shard].append(row)
             self.rows += 1
             self.errors += row["error"] is not None
-            if len(self._results[shard]) == self._expected[shard]:
+            if len(self._results[shard]) == self._expected.get(shard):
                 self._write_shard(shard)
                 finished.append(shard)
         return finished

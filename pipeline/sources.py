@@ -1,22 +1,23 @@
-"""Input URI + format -> a list of shards (the unit of progress and resume) and, per shard, a table of source rows.
+"""Input URI + format -> a list of shards (the unit of progress and resume) and a Ray datasource of their rows.
 
 All I/O goes through `pyarrow.fs`, which resolves s3:// (endpoint and keys from the standard AWS_* environment
 variables), gs://, file:// and local paths. The filesystem object is resolved once on the driver and shipped to
 the read tasks, so workers need no credentials of their own.
-
-Ray's `read_parquet` / `read_webdataset` / `read_images` are not used: `read_images` fails the whole read on one bad
-file, and none of them says how many rows a shard holds, which is what lets the driver mark a shard complete.
 """
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import tarfile
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.schema import SOURCE_SCHEMA
@@ -81,50 +82,90 @@ def check_parquet_columns(fs: pafs.FileSystem, shard: Shard, config: JobConfig) 
                               f"set --{'id' if column == config.id_column else 'image'}-column")
 
 
-def read_shards(batch: pa.Table, fs: pafs.FileSystem, shards: dict[str, Shard], config: JobConfig) -> pa.Table:
-    """Ray map_batches function: a batch of shard names -> all their source rows."""
-    return pa.concat_tables([read_shard(fs, shards[name], config) for name in batch.column("shard").to_pylist()])
+class ShardSource(Datasource):
+    """Ray Data datasource: one read task per shard, streaming the shard's rows in chunks (never a whole shard in
+    memory). Ray's own readers are not used: `read_images` fails the whole read on one bad file, and none of them
+    says how many rows a shard holds, which is what lets the driver mark a shard complete."""
+
+    def __init__(self, fs: pafs.FileSystem, shards: list[Shard], config: JobConfig):
+        super().__init__()
+        self.fs, self.shards, self.config = fs, shards, config
+
+    def estimate_inmemory_data_size(self) -> None:
+        return None  # unknown until read: images are encoded
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        # One task per shard whatever `parallelism` asks: the shard is the unit of progress.
+        return [ReadTask(functools.partial(read_shard, self.fs, shard, self.config),
+                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=shard.paths))
+                for shard in self.shards]
 
 
-def read_shard(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> pa.Table:
-    """All source rows of one shard (SOURCE_SCHEMA)."""
-    reader = {"parquet": _read_parquet, "webdataset": _read_webdataset, "images": _read_images}[shard.format]
-    rows = reader(fs, shard, config)
-    n = len(rows["id"])
-    return pa.table({**rows, "shard": [shard.name] * n, "shard_rows": [n] * n}, schema=SOURCE_SCHEMA)
+def read_shard(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> Iterator[pa.Table]:
+    """The shard's rows (SOURCE_SCHEMA) in tables of --batch-size rows. `shard_rows` is null except on the last
+    table, which carries the shard's row count: a tar's count is known only once it has been read through."""
+    rows = {"parquet": _parquet_rows, "webdataset": _webdataset_rows, "images": _image_rows}[shard.format]
+    pending: list[dict[str, Any]] = []
+    count = 0
+    for row in rows(fs, shard, config):
+        pending.append(row)
+        count += 1
+        if len(pending) > config.batch_size:  # hold one row back: the last table must not be empty
+            yield _table(pending[:config.batch_size], shard, None)
+            pending = pending[config.batch_size:]
+    if pending:
+        yield _table(pending, shard, count)
 
 
-def _read_parquet(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> dict[str, list]:
-    table = pq.read_table(shard.paths[0], filesystem=fs)
-    images = table.column(config.image_column)
-    if pa.types.is_struct(images.type):  # Hugging Face datasets layout: {bytes, path}
-        images = images.combine_chunks().field("bytes")
-    questions = (table.column(config.question_column).cast(pa.string()).to_pylist()
-                 if config.question_column in table.column_names else [None] * len(table))
-    image_list = images.to_pylist()
-    return {"id": table.column(config.id_column).cast(pa.string()).to_pylist(), "image": image_list,
-            "question": questions, "error": [None if b else "no image bytes in row" for b in image_list]}
+def _table(rows: list[dict[str, Any]], shard: Shard, shard_rows: int | None) -> pa.Table:
+    return pa.Table.from_pylist([{**r, "shard": shard.name, "shard_rows": shard_rows} for r in rows],
+                                schema=SOURCE_SCHEMA)
 
 
-def _read_webdataset(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> dict[str, list]:
-    """Members sharing a key (the name up to the first dot of the basename) form one sample."""
-    samples: dict[str, dict[str, bytes]] = {}
+def _row(key: str, image: bytes | None, question: str | None, missing: str) -> dict[str, Any]:
+    return {"id": key, "image": image, "question": question, "error": None if image else missing}
+
+
+def _parquet_rows(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> Iterator[dict[str, Any]]:
+    with fs.open_input_file(shard.paths[0]) as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        columns = [c for c in (config.id_column, config.image_column, config.question_column) if c in names]
+        for batch in parquet.iter_batches(batch_size=max(config.batch_size, 64), columns=columns):
+            images = batch.column(config.image_column)
+            if pa.types.is_struct(images.type):  # Hugging Face datasets layout: {bytes, path}
+                images = images.field("bytes")
+            questions = (batch.column(config.question_column).cast(pa.string()).to_pylist()
+                         if config.question_column in names else [None] * batch.num_rows)
+            ids = batch.column(config.id_column).cast(pa.string()).to_pylist()
+            for key, image, question in zip(ids, images.to_pylist(), questions):
+                yield _row(key, image, question, "no image bytes in row")
+
+
+def _webdataset_rows(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> Iterator[dict[str, Any]]:
+    """Consecutive members sharing a key (the name up to the first dot of the basename) form one sample, as in
+    WebDataset's own reader."""
+    key, parts = None, {}
     with fs.open_input_stream(shard.paths[0]) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:  # streaming mode: one pass, no seeks (cheap on object storage)
             if not member.isfile():
                 continue
             folder, base = posixpath.split(member.name)
             stem, _, ext = base.partition(".")
-            samples.setdefault(posixpath.join(folder, stem), {})[ext.lower()] = tar.extractfile(member).read()
-    rows: dict[str, list] = {"id": [], "image": [], "question": [], "error": []}
-    for key, parts in samples.items():
-        image = next((parts[e] for e in (x.lstrip(".") for x in IMAGE_EXTENSIONS) if e in parts), None)
-        rows["id"].append(key)
-        rows["image"].append(image)
-        rows["question"].append(_json_field(parts.get("json"), config.question_column))
-        rows["error"].append(None if image is not None else
-                             f"no image in sample (members: {', '.join(sorted(parts))})")
-    return rows
+            if posixpath.join(folder, stem) != key and key is not None:
+                yield _sample(key, parts, config)
+                parts = {}
+            key = posixpath.join(folder, stem)
+            parts[ext.lower()] = tar.extractfile(member).read()
+    if key is not None:
+        yield _sample(key, parts, config)
+
+
+def _sample(key: str, parts: dict[str, bytes], config: JobConfig) -> dict[str, Any]:
+    image = next((parts[e] for e in (x.lstrip(".") for x in IMAGE_EXTENSIONS) if e in parts), None)
+    return _row(key, image, _json_field(parts.get("json"), config.question_column),
+                f"no image in sample (members: {', '.join(sorted(parts))})")
 
 
 def _json_field(raw: bytes | None, name: str) -> str | None:
@@ -137,11 +178,7 @@ def _json_field(raw: bytes | None, name: str) -> str | None:
     return None if value is None else str(value)
 
 
-def _read_images(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> dict[str, list]:
-    images = []
+def _image_rows(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> Iterator[dict[str, Any]]:
     for path in shard.paths:
         with fs.open_input_stream(path) as f:
-            images.append(f.read())
-    n = len(images)
-    return {"id": [posixpath.relpath(p, shard.root) for p in shard.paths], "image": images,
-            "question": [None] * n, "error": [None] * n}
+            yield _row(posixpath.relpath(path, shard.root), f.read(), None, "empty file")

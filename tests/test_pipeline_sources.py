@@ -22,6 +22,10 @@ def _shards(uri: str, **settings):
     return fs, list_shards(fs, root, config), config
 
 
+def _read(fs, shard, config) -> pa.Table:
+    return pa.concat_tables(read_shard(fs, shard, config))
+
+
 def test_parquet_shards_ids_and_questions(tmp_path):
     images = good_images(3)
     write_parquet_shard(tmp_path / "in" / "b.parquet", {"x1": images[0]}, {"x1": "Q?"})
@@ -29,11 +33,11 @@ def test_parquet_shards_ids_and_questions(tmp_path):
     (tmp_path / "in" / "_SUCCESS").write_text("")  # not a shard
     fs, shards, config = _shards(str(tmp_path / "in"))
     assert [s.name for s in shards] == ["b.parquet", "sub/a.parquet"] and {s.format for s in shards} == {"parquet"}
-    table = read_shard(fs, shards[1], config)
+    table = _read(fs, shards[1], config)
     assert table.schema == SOURCE_SCHEMA
     assert table.column("id").to_pylist() == ["y1", "y2"] and table.column("shard_rows").to_pylist() == [2, 2]
     assert table.column("question").to_pylist() == [None, None]
-    assert read_shard(fs, shards[0], config).column("question").to_pylist() == ["Q?"]
+    assert _read(fs, shards[0], config).column("question").to_pylist() == ["Q?"]
 
 
 def test_webdataset_keys_json_questions_and_samples_without_image(tmp_path):
@@ -45,12 +49,23 @@ def test_webdataset_keys_json_questions_and_samples_without_image(tmp_path):
         tar.addfile(info, io.BytesIO(b"hi"))
     fs, shards, config = _shards(f"file://{tmp_path}")
     assert [s.name for s in shards] == ["00000.tar", "00001.tar"] and shards[0].format == "webdataset"
-    first = read_shard(fs, shards[0], config).to_pylist()
+    first = _read(fs, shards[0], config).to_pylist()
     assert [(r["id"], r["question"], r["error"]) for r in first] == [("s/000", None, None),
                                                                     ("s/001", "How many?", None)]
     assert first[0]["image"] == samples["s/000.jpg"]
-    lonely = read_shard(fs, shards[1], config).to_pylist()
+    lonely = _read(fs, shards[1], config).to_pylist()
     assert lonely[0]["id"] == "lonely" and "no image" in lonely[0]["error"]
+
+
+def test_shards_stream_in_chunks_and_the_last_carries_the_row_count(tmp_path):
+    write_tar_shard(tmp_path / "t.tar", {f"k{i}.jpg": b for i, b in enumerate(good_images(5))})
+    write_parquet_shard(tmp_path / "p" / "p.parquet", {f"k{i}": b for i, b in enumerate(good_images(5))})
+    for uri in (str(tmp_path / "t.tar"), str(tmp_path / "p")):
+        fs, (shard,), config = _shards(uri, batch_size=2)
+        chunks = list(read_shard(fs, shard, config))
+        assert [c.num_rows for c in chunks] == [2, 2, 1]
+        assert [c.column("shard_rows").to_pylist() for c in chunks] == [[None, None], [None, None], [5]]
+        assert [i for c in chunks for i in c.column("id").to_pylist()] == [f"k{i}" for i in range(5)]
 
 
 def test_image_folder_ids_are_relative_paths_and_shards_are_chunks(tmp_path):
@@ -60,7 +75,7 @@ def test_image_folder_ids_are_relative_paths_and_shards_are_chunks(tmp_path):
     (tmp_path / "notes.txt").write_text("ignored")
     fs, shards, config = _shards(str(tmp_path), images_per_shard=2)
     assert [s.name for s in shards] == ["images-00000", "images-00001", "images-00002"]
-    ids = [i for s in shards for i in read_shard(fs, s, config).column("id").to_pylist()]
+    ids = [i for s in shards for i in _read(fs, s, config).column("id").to_pylist()]
     assert sorted(ids) == ["deep/img1.jpg", "deep/img3.jpg", "img0.jpg", "img2.jpg", "img4.jpg"]
 
 
