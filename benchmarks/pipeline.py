@@ -12,7 +12,6 @@ runs with one thread on both sides (a CPU actor asks Ray for half a CPU, so it g
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import time

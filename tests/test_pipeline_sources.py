@@ -6,7 +6,6 @@ import tarfile
 
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.decode import load_processor, prepare, to_rgb, unpack
