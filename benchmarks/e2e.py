@@ -1,0 +1,180 @@
+"""End-to-end captioning speed and KV memory of every method against the limit its cuts allow.
+
+The prefill benchmark's model and batch (benchmarks/prefill.py: random-weight LLaVA-1.5-like shapes, batch 4, ~40
+text tokens, bf16), now generating exactly 60 tokens, with 16 LLM layers instead of 10 so that ST3's pruning layers
+(every 4th of 32 from layer 2, relative to depth) stay distinct and evenly spaced. For each method at 576 / 192 / 128 / 64 visual tokens: total,
+prefill and decode seconds, speed-up over `none`, peak KV bytes as a share of `none`'s, and the **limit**: the
+end-to-end speed-up if `none`'s prefill shrank by the method's FLOPs ratio (vision tower + projector + LLM prefill,
+reducers.accounting) and each of its decode steps by the method's bytes ratio (weights + KV cache read per step;
+the rest of `none`'s time, generate's own bookkeeping, stays). At a fixed batch a decode step mostly reads the
+weights, so the limit sits far below the prefill ratio. `achieved / limit` says how much of it we turn into time.
+
+    scripts/netns-run .venv/bin/python -m benchmarks.e2e [--repeats 1] [--methods st3,tokencarve]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+
+import reducers
+from benchmarks.prefill import BUDGETS, CPU_SPEC, LLAVA_7B_SPEC, make_batch
+from reducers.accounting import TextDims, batch_cost, kv_bytes, model_dims
+from reducers.spectral import information_score
+from reducers.tiny import TinySpec, build_model, build_processor
+
+NEW_TOKENS = 60
+
+
+def decode_weight_bytes(text: TextDims, dtype_bytes: int) -> int:
+    """Weights one decode step reads: every decoder layer's projections and MLP, plus lm_head (norms are noise)."""
+    q_width, kv_width = text.heads * text.head_dim, text.kv_heads * text.head_dim
+    per_layer = 2 * text.hidden * q_width + 2 * text.hidden * kv_width + 3 * text.hidden * text.intermediate
+    return dtype_bytes * (text.layers * per_layer + text.hidden * text.vocab)
+
+
+def decode_step_bytes(text: TextDims, stats: dict) -> float:
+    """Mean bytes a decode step reads: the weights plus the K/V of every cached entry (the new one included).
+
+    stats["kv_entries_per_step"][s] are the entries per layer and row held after forward s (prefill is forward 0),
+    i.e. what decode step s + 1 attends over before appending its own token.
+    """
+    dtype_bytes, steps = int(stats["dtype_bytes"]), int(stats["decode_steps"])
+    held = torch.tensor(stats["kv_entries_per_step"][:steps])  # [steps, L, B]
+    attended = (held + 1).sum(2)  # [steps, L]: all rows of the batch
+    kv = statistics.mean(kv_bytes(text, step.tolist(), dtype_bytes) for step in attended)
+    return decode_weight_bytes(text, dtype_bytes) + kv
+
+
+def caption(model, batch: dict) -> float:
+    """Wall seconds of one generate of exactly NEW_TOKENS tokens (greedy)."""
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(**batch, min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS, do_sample=False)
+        if batch["input_ids"].is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def measure(model, batch: dict, method: str, budget: int, repeats: int) -> dict:
+    """Median total / prefill / decode seconds of `repeats` runs, with the last run's stats."""
+    kwargs = {} if method == "none" else {"visual_tokens": budget}
+    runs = []
+    with reducers.attach(model, method, **kwargs) as attachment:
+        for _ in range(repeats):
+            total = caption(model, batch)
+            stats = dict(attachment.stats)
+            runs.append((total, stats["prefill_seconds"], stats["decode_seconds"]))
+    total, prefill, decode = (statistics.median(column) for column in zip(*runs))
+    return {"method": method, "budget": budget, "total": total, "prefill": prefill, "decode": decode, "stats": stats}
+
+
+def add_limits(row: dict, baseline: dict, config) -> None:
+    """Speed-up, KV share and the limit of `row` against the `none` run `baseline` (in place)."""
+    text = model_dims(config).text
+    cost, base_cost = batch_cost(config, row["stats"]), batch_cost(config, baseline["stats"])
+    prefill_flops = cost.flops_vision + cost.flops_projector + cost.flops_prefill
+    base_prefill_flops = base_cost.flops_vision + base_cost.flops_projector + base_cost.flops_prefill
+    bytes_ratio = decode_step_bytes(text, row["stats"]) / decode_step_bytes(text, baseline["stats"])
+    other = baseline["total"] - baseline["prefill"] - baseline["decode"]  # generate's bookkeeping: unchanged
+    ideal = baseline["prefill"] * prefill_flops / base_prefill_flops + baseline["decode"] * bytes_ratio + other
+    row["speedup"] = baseline["total"] / row["total"]
+    row["limit"] = baseline["total"] / ideal
+    row["prefill_flops_ratio"] = base_prefill_flops / prefill_flops
+    row["kv_share"] = row["stats"]["kv_bytes_peak"] / baseline["stats"]["kv_bytes_peak"]
+
+
+HEADER = ("| method | budget | total s | prefill s | decode s | speed-up | limit | achieved / limit | prefill FLOPs ratio "
+          "| peak KV vs none |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: dict) -> str:
+    return (f"| {r['method']} | {r['budget']} | {r['total']:.2f} | {r['prefill']:.2f} | {r['decode']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['limit']:.2f}x | {r['speedup'] / r['limit']:.2f} | {r['prefill_flops_ratio']:.2f}x | "
+            f"{100 * r['kv_share']:.1f} % |")
+
+
+def information_score_cost(model, batch: dict, prefill_seconds: float) -> str:
+    """TokenCarve's information score on the benchmark's own visual hidden states (at its layer K, budget 64): seconds of
+    a full fp32 SVD per row vs the top-direction score it uses, as shares of the 64-token prefill, and how well the
+    two rankings agree (Spearman; overlap of the 1.5 x 64 tokens each would select)."""
+    captured = []
+    with reducers.attach(model, "tokencarve", visual_tokens=64) as attachment:
+        method = attachment.method
+        original = method.reduce_llm
+        method.reduce_llm = lambda step: captured.append((step.hidden_cand, step.cand_valid)) or original(step)
+        with torch.inference_mode():
+            model(**batch, use_cache=True, logits_to_keep=1)
+    hidden, valid = captured[0]
+    x = hidden.float() * valid[..., None]
+    start = time.perf_counter()
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    full_seconds = time.perf_counter() - start
+    full = (u * s[:, None, :]).abs().sum(-1)
+    start = time.perf_counter()
+    top = information_score(hidden, valid, method.directions, method.power_steps)
+    top_seconds = time.perf_counter() - start
+    ranks = torch.stack([full, top], 1).argsort(-1).argsort(-1).float()  # [N, 2, V]
+    spearman = min(float(torch.corrcoef(pair)[0, 1]) for pair in ranks)
+    keep = 96
+    overlap = min(len(set(a.topk(keep).indices.tolist()) & set(b.topk(keep).indices.tolist())) / keep
+                  for a, b in zip(full, top))
+    return (f"information score on {tuple(hidden.shape)} visual states: full SVD {full_seconds:.3f} s "
+            f"({100 * full_seconds / prefill_seconds:.1f} % of the 64-token prefill), top {method.directions} directions "
+            f"{top_seconds:.3f} s ({100 * top_seconds / prefill_seconds:.1f} %); rank agreement: Spearman >= {spearman:.3f}, "
+            f"selection overlap >= {100 * overlap:.0f} %")
+
+
+def run(spec: TinySpec, dtype: torch.dtype, device: str, rows: int, repeats: int, methods: list[str]) -> list[dict]:
+    processor = build_processor(spec)
+    model = build_model(processor.tokenizer, spec, dtype=dtype).to(device)
+    batch = make_batch(processor, rows, dtype, device)
+    caption(model, batch)  # warm-up: allocators, kernels, thread pools
+    baseline = measure(model, batch, "none", BUDGETS[0], repeats)
+    add_limits(baseline, baseline, model.config)
+    print(format_row(baseline), flush=True)
+    results = [baseline]
+    for method in [m for m in methods if m != "none"]:
+        for budget in BUDGETS[1:]:
+            row = measure(model, batch, method, budget, repeats)
+            add_limits(row, baseline, model.config)
+            print(format_row(row), flush=True)
+            results.append(row)
+    if "tokencarve" in methods:
+        carve_64 = next(r for r in results if r["method"] == "tokencarve" and r["budget"] == 64)
+        print(information_score_cost(model, batch, carve_64["prefill"]), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per point (median reported); default 1")
+    parser.add_argument("--rows", type=int, default=4, help="batch size; default 4")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--llava-7b", action="store_true", help="LLaVA-1.5-7B shapes in fp16 (for a GPU)")
+    parser.add_argument("--llm-layers", type=int, default=16,
+                        help="LLM depth on CPU; default 16: ST3's every-4th-of-32 pruning layers then land on every 2nd")
+    parser.add_argument("--methods", default=",".join(reducers.available()), help="comma-separated; default all")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec, dtype = (LLAVA_7B_SPEC, torch.float16) if args.llava_7b else (CPU_SPEC, torch.bfloat16)
+    if not args.llava_7b:
+        spec = dataclasses.replace(spec, llm_layers=args.llm_layers)
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    print(f"# end-to-end captioning benchmark {datetime.date.today()} on {device_name}; vision {spec.vision_hidden}x"
+          f"{spec.vision_layers}, LLM {spec.llm_hidden}x{spec.llm_layers}, {dtype}, batch {args.rows}, {NEW_TOKENS} new "
+          f"tokens, median of {args.repeats}")
+    print(HEADER)
+    run(spec, dtype, args.device, args.rows, args.repeats, args.methods.split(","))
+
+
+if __name__ == "__main__":
+    main()
