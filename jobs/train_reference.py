@@ -25,7 +25,7 @@ def main() -> None:
     defaults = Recipe()
     for name in ("seed", "batch_size", "vision_steps", "joint_steps", "validate_every", "threads", "train_seed_start"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("vision_lr", "joint_lr", "aux_weight", "joint_vision_lr_scale", "align_weight"):
+    for name in ("vision_lr", "joint_lr", "aux_weight", "joint_vision_lr_scale", "align_weight", "drop_probability"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--init-from", help="start from a folder saved by an earlier run (not the committed recipe)")
     args = parser.parse_args()

@@ -55,6 +55,7 @@ class Recipe:
     aux_weight: float = 1.0
     joint_vision_lr_scale: float = 0.3
     align_weight: float = 1.0
+    drop_probability: float = 0.5   # share of joint batches with background patches dropped (see make_batch)
     init_from: str | None = None    # a folder saved by an earlier run (probes chain stages this way)
     validate_every: int = 250
     threads: int = 1
@@ -157,48 +158,96 @@ def scene_questions(scene: Scene) -> list[Question]:
     return questions
 
 
-def pack_turns(tok, n_image_tokens: int, per_image: list[list[Question]]) -> dict[str, Tensor]:
-    """Rows of [<s> USER : <image>*n] + turns "q ASSISTANT : a </s>", each turn seeing the prefix and itself.
+def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question]], patches: int,
+               original_positions: bool = False) -> dict[str, Tensor]:
+    """Rows of [<s> USER : <image> per kept patch] + turns "q ASSISTANT : a </s>", each turn seeing the prefix
+    and itself only.
 
+    Positions run on through the prefix, and each turn's restart where the prefix ends, as in a single-turn
+    prompt; with `original_positions` a kept patch keeps the position it has in the full grid and turns start
+    after the full grid (what LLM-side pruning shows the LM), else positions are compact (vision-side pruning).
     Returns input_ids, labels (answer tokens and </s> only), position_ids and a 4-D boolean mask.
     """
-    prefix = tok("USER: " + tok.image_token * n_image_tokens)["input_ids"]
-    rows, labels, segments = [], [], []
-    for questions in per_image:
-        ids, lab, seg = list(prefix), [-100] * len(prefix), [0] * len(prefix)
+    head = tok("USER: ")["input_ids"]
+    rows, labels, segments, positions = [], [], [], []
+    for kept, questions in zip(kept_patches, per_image):
+        ids = head + [tok.image_token_id] * len(kept)
+        pos = list(range(len(head))) + ([len(head) + k for k in kept] if original_positions
+                                        else list(range(len(head), len(ids))))
+        turn_start = len(head) + (patches if original_positions else len(kept))
+        lab, seg = [-100] * len(ids), [0] * len(ids)
         for turn, q in enumerate(questions, start=1):
             asked = tok(f"{q.text} ASSISTANT:", add_special_tokens=False)["input_ids"]
             answer = tok(f" {q.answer}</s>", add_special_tokens=False)["input_ids"]
             ids += asked + answer
             lab += [-100] * len(asked) + answer
             seg += [turn] * (len(asked) + len(answer))
-        rows.append(ids), labels.append(lab), segments.append(seg)
+            pos += list(range(turn_start, turn_start + len(asked) + len(answer)))
+        rows.append(ids), labels.append(lab), segments.append(seg), positions.append(pos)
     length = max(map(len, rows))
     pad = lambda xs, v: torch.tensor([x + [v] * (length - len(x)) for x in xs])  # noqa: E731
     input_ids, label_ids, segment = pad(rows, tok.pad_token_id), pad(labels, -100), pad(segments, -1)
     in_prefix = segment == 0
-    positions = torch.arange(length).expand(len(rows), length)
-    # a turn's positions continue from the end of the prefix, as in a single-turn prompt
-    turn_start = torch.where(segment[:, 1:] != segment[:, :-1], torch.arange(1, length), 0)
-    turn_start = torch.cat([torch.zeros(len(rows), 1, dtype=torch.long), turn_start], 1).cummax(1).values
-    position_ids = torch.where(in_prefix, positions, len(prefix) + positions - turn_start)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     same_turn = segment[:, :, None] == segment[:, None, :]
     mask = causal & (same_turn | in_prefix[:, None, :]) & (segment[:, None, :] >= 0)
     mask |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
-    return {"input_ids": input_ids, "labels": label_ids, "position_ids": position_ids.clamp(min=0),
+    return {"input_ids": input_ids, "labels": label_ids, "position_ids": pad(positions, 0),
             "attention_mask": mask[:, None]}
 
 
-def make_batch(seeds: range, processor, arch: Architecture, with_text: bool) -> dict:
+def dropped_background(coverage: np.ndarray, rng: np.random.Generator) -> list[int]:
+    """Patches kept by the drop augmentation: every patch an object touches, and each other patch with one
+    probability drawn per image from [0.05, 1] (so the LM sees from ~20 to all 144 visual tokens)."""
+    keep_background = rng.uniform(0.05, 1.0)
+    kept = (coverage > 0) | (rng.random(coverage.shape) < keep_background)
+    return np.nonzero(kept)[0].tolist()
+
+
+def make_batch(seeds: range, processor, arch: Architecture, with_text: bool, drop_probability: float = 0.0) -> dict:
+    """Fresh scenes of `seeds`: pixels, vision targets and, `with_text`, packed turns.
+
+    With `drop_probability`, the batch (chosen by a draw seeded from its first seed) is a drop batch: a
+    random share of each image's background patches leaves the LM's input (the model's projector output is
+    gathered to `kept_patches` by `PatchDropper`), with compact or original positions half the time each.
+    Training-free methods hand the LM fewer visual tokens than it ever saw; a model this small, trained on
+    full grids only, then answers "four four four" whatever tokens are kept, and the benchmark could not
+    tell good choices from bad ones. Objects are never dropped, so no answer loses its evidence.
+    """
     scenes = [generate_scene(seed, arch.image_size) for seed in seeds]
     rendered = [render_scene(scene) for scene in scenes]
+    index_maps = [index_map for _, index_map in rendered]
     batch = {"pixel_values": processor.image_processor([image for image, _ in rendered], return_tensors="pt")["pixel_values"],
-             "targets": vision_targets(scenes, [index_map for _, index_map in rendered], arch)}
+             "targets": vision_targets(scenes, index_maps, arch)}
     if with_text:
-        batch.update(pack_turns(processor.tokenizer, arch.grid ** 2, [scene_questions(s) for s in scenes]))
-        batch["tasks"] = [[q.task for q in scene_questions(s)] for s in scenes]
+        patches = arch.grid ** 2
+        rng = np.random.default_rng([seeds[0], 99])
+        kept = [list(range(patches))] * len(scenes)
+        original_positions = False
+        if rng.random() < drop_probability:
+            coverage = [patch_coverage(m, arch.patch_size, len(s.objects)).sum(0).reshape(-1)
+                        for s, m in zip(scenes, index_maps)]
+            kept = [dropped_background(c, rng) for c in coverage]
+            original_positions = bool(rng.random() < 0.5)
+            batch["kept_patches"] = kept
+        questions = [scene_questions(s) for s in scenes]
+        batch.update(pack_turns(processor.tokenizer, kept, questions, patches, original_positions))
+        batch["tasks"] = [[q.task for q in qs] for qs in questions]
     return batch
+
+
+class PatchDropper:
+    """Projector forward hook: while `kept` is set, hands the LM only those patches of each image (flattened
+    in row order, which is how LLaVA scatters image features into the image-token positions)."""
+
+    def __init__(self, model):
+        self.kept: list[list[int]] | None = None
+        model.model.multi_modal_projector.register_forward_hook(self._gather)
+
+    def _gather(self, module, args, output):
+        if self.kept is None:
+            return output
+        return torch.cat([output[row, kept] for row, kept in enumerate(self.kept)])[None]
 
 
 class FeatureTap:
@@ -271,6 +320,7 @@ class Trainer:
             init_grid_positions(self.model)
         self.model.train()
         self.tap = FeatureTap(self.model, self.model.config.vision_feature_layer)
+        self.dropper = PatchDropper(self.model)  # registered after the tap: the tap keeps the full grid
         self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16)
         self.next_seed = recipe.train_seed_start
         self.started = time.time()
@@ -279,7 +329,7 @@ class Trainer:
     def batch(self, with_text: bool) -> dict:
         seeds = range(self.next_seed, self.next_seed + self.recipe.batch_size)
         self.next_seed += self.recipe.batch_size
-        return make_batch(seeds, self.processor, self.arch, with_text)
+        return make_batch(seeds, self.processor, self.arch, with_text, self.recipe.drop_probability)
 
     def progress(self) -> str:
         return f"images {self.next_seed - self.recipe.train_seed_start} {time.time() - self.started:.0f}s"
@@ -317,6 +367,7 @@ class Trainer:
                                 with_text=True)
         for step in range(recipe.joint_steps):
             batch = self.batch(with_text=True)
+            self.dropper.kept = batch.get("kept_patches")
             for group in optimiser.param_groups:
                 group["lr"] = recipe.joint_lr * group["scale"] * schedule(step, recipe.joint_steps, recipe.warmup_steps)
             with self.autocast:
@@ -336,6 +387,7 @@ class Trainer:
                          f"align {align_loss.item():.3f} "
                          f"colour-acc {accuracy['colour']:.3f} shape-acc {accuracy['shape']:.3f} {self.progress()}")
             if (step + 1) % recipe.validate_every == 0 or step == recipe.joint_steps - 1:
+                self.dropper.kept = None
                 scores = validate(self.model, validation)
                 self.history.append({"joint_step": step + 1, "seconds": round(time.time() - self.started), **scores})
                 self.log(f"validation {json.dumps(self.history[-1])}")

@@ -8,8 +8,8 @@ import torch
 
 from pipeline.benchmark import Item, ObjectOracle, caption_items, object_coverage, question_items, retention, score
 from pipeline.reference import Architecture, build_model, build_processor, prompt
-from pipeline.reference_training import (PAIRS, answer_accuracy, make_batch, pack_turns, scene_questions,
-                                         vision_targets, word_alignment_loss)
+from pipeline.reference_training import (PAIRS, PatchDropper, answer_accuracy, dropped_background, make_batch,
+                                         pack_turns, scene_questions, vision_targets, word_alignment_loss)
 from pipeline.scenes import CAPTION_TASK, TASKS, generate_scene, render_scene, vocabulary
 from reducers.step import Step
 
@@ -62,7 +62,7 @@ def test_labels_are_the_answers_and_end_of_turn_only(small):
     tok = small[0].tokenizer
     scene = generate_scene(9)
     questions = scene_questions(scene)
-    packed = pack_turns(tok, 4, [questions])
+    packed = pack_turns(tok, [list(range(4))], [questions], 4)
     labelled = packed["labels"][0][packed["labels"][0] != -100].tolist()
     assert tok.decode(labelled) == " ".join(f"{q.answer} </s>" for q in questions)
     assert {q.task for q in questions} >= {"count_total", "count_colour", "count_shape", "presence", CAPTION_TASK}
@@ -71,7 +71,7 @@ def test_labels_are_the_answers_and_end_of_turn_only(small):
 def test_teacher_forced_accuracy_counts_whole_answers(small):
     tok = small[0].tokenizer
     questions = scene_questions(generate_scene(9))
-    packed = pack_turns(tok, 4, [questions])
+    packed = pack_turns(tok, [list(range(4))], [questions], 4)
     labels = packed["labels"]
     perfect = torch.nn.functional.one_hot(torch.roll(labels.clamp(min=0), -1, dims=1), len(tok)).float()
     tasks = [[q.task for q in questions]]
@@ -162,3 +162,48 @@ def test_word_alignment_loss_is_zero_when_patches_read_as_their_words(small):
         projected[0, slot] = 3 * (embeddings[tok.convert_tokens_to_ids(colour)] + embeddings[tok.convert_tokens_to_ids(shape)])
     assert word_alignment_loss(projected, pair, embeddings, tok) == pytest.approx(0.0, abs=1e-5)
     assert word_alignment_loss(-projected, pair, embeddings, tok) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_drop_batches_keep_every_object_patch_and_run_through_the_model(small):
+    processor, model = small
+    patches = SMALL.grid ** 2
+    dropped = None
+    for first in range(0, 200, 2):
+        batch = make_batch(range(first, first + 2), processor, SMALL, with_text=True, drop_probability=0.5)
+        if "kept_patches" in batch:
+            dropped = batch
+            break
+    assert dropped is not None, "no drop batch in 100 draws at probability 0.5"
+    for row, kept in enumerate(dropped["kept_patches"]):
+        scene = generate_scene(first + row)
+        touched = set(np.nonzero(object_coverage([scene], 14)[0] > 0)[0].tolist())
+        assert touched <= set(kept) and len(kept) <= patches
+        assert int((dropped["input_ids"][row] == processor.tokenizer.image_token_id).sum()) == len(kept)
+    dropper = PatchDropper(model)
+    dropper.kept = dropped["kept_patches"]
+    with torch.no_grad():
+        out = model(input_ids=dropped["input_ids"], pixel_values=dropped["pixel_values"],
+                    attention_mask=dropped["attention_mask"], position_ids=dropped["position_ids"],
+                    labels=dropped["labels"])
+    dropper.kept = None
+    assert torch.isfinite(out.loss)
+
+
+def test_positions_compact_or_original():
+    tok = build_processor(SMALL).tokenizer
+    questions = scene_questions(generate_scene(9))[:2]
+    kept = [[0, 5, 7]]
+    compact = pack_turns(tok, kept, [questions], 9)["position_ids"][0].tolist()
+    original = pack_turns(tok, kept, [questions], 9, original_positions=True)["position_ids"][0].tolist()
+    assert compact[:6] == [0, 1, 2, 3, 4, 5] and original[:6] == [0, 1, 2, 3, 8, 10]
+    first_turn = len(tok(questions[0].text + " ASSISTANT:", add_special_tokens=False)["input_ids"]) + 2
+    assert compact[6] == 6 and original[6] == 12
+    assert compact[6 + first_turn] == 6 and original[6 + first_turn] == 12
+
+
+def test_dropped_background_keeps_objects():
+    coverage = np.zeros(144)
+    coverage[[3, 40, 41]] = 0.5
+    for seed in range(20):
+        kept = dropped_background(coverage, np.random.default_rng(seed))
+        assert {3, 40, 41} <= set(kept) and kept == sorted(kept)
