@@ -14,6 +14,7 @@ import reducers
 from conftest import get_tiny
 from reducers.shape import ModelShape
 from reducers.spectral import information_score
+from reducers.tiny import TinySpec, build_model, build_processor
 from test_reducers_models import Replay
 
 NEW_TOKENS = 6
@@ -258,3 +259,19 @@ def test_tokencarve_merges_half_a_budget_of_selected_tokens_into_the_top_half():
     before = step.hidden_cand.gather(1, result.kept[..., None].expand(-1, -1, step.hidden.shape[-1]))
     changed = ((result.hidden != before).any(-1) & result.kept_valid).sum(1)
     assert (changed >= 1).all() and (changed <= target // 2).all()
+
+
+@pytest.mark.parametrize("method", ["st3", "tokencarve"])
+def test_shallow_models_get_the_relative_schedule(method):
+    # 8 layers: ST3's every-4th-of-32 lands on layers 1, 2, 4, 6, 7 (adjacent pruning layers); TokenCarve's K on 1
+    spec = TinySpec(vision_layers=2, llm_layers=8)
+    processor = build_processor(spec)
+    model = build_model(processor.tokenizer, spec)
+    tiny = get_tiny("llava")
+    batch = processor(images=tiny.images[:2], text=tiny.prompts[:2], padding=True, return_tensors="pt")
+    with reducers.attach(model, method, ratio=0.25) as att, torch.inference_mode():
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+    per_layer = torch.tensor(att.stats["visual_tokens_per_layer"])  # [L, B]
+    drops = [layer for layer in range(1, 8) if (per_layer[layer] < per_layer[layer - 1]).all()]
+    assert drops == ([1, 2, 4, 6, 7] if method == "st3" else [1])
+    assert att.stats["visual_tokens_avg"] == pytest.approx([144.0, 144.0], abs=576 / 8)
