@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the result object here")
+    parser.add_argument("--unreduced", type=Path, help="a --json file of `--reducer none` on the same model and "
+                        "items, reused as the baseline instead of scoring the unreduced model again")
     args = parser.parse_args(argv)
     if args.reducer != "none" and args.visual_tokens is None and args.ratio is None:
         parser.error(f"--reducer {args.reducer} needs a budget: --visual-tokens N or --ratio R")
@@ -64,6 +66,18 @@ def _fixed(value: float | None) -> str:
     return "    n/a" if value is None else f"{value:7.3f}"
 
 
+def reuse_unreduced(args: argparse.Namespace) -> dict:
+    """The unreduced scores from an earlier run, refused unless it scored the same model on the same items."""
+    earlier = json.loads(args.unreduced.read_text())
+    same = {"model": args.model, "reducer": "none", "seed_start": args.seed_start, "questions": args.questions,
+            "captions": args.captions}
+    differing = {k: (earlier.get(k), v) for k, v in same.items() if earlier.get(k) != v}
+    if differing:
+        raise SystemExit(f"--unreduced {args.unreduced} is not a `none` run of this model on these items: "
+                         + ", ".join(f"{k} {old!r} != {new!r}" for k, (old, new) in differing.items()))
+    return earlier
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -71,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = load_reference(args.model)
     common = dict(seed_start=args.seed_start, questions=args.questions, captions=args.captions,
                   batch_size=args.batch_size)
-    unreduced = benchmark.run(model, processor, "none", **common)
+    unreduced = reuse_unreduced(args) if args.unreduced else benchmark.run(model, processor, "none", **common)
     reduced = unreduced if args.reducer == "none" else benchmark.run(
         model, processor, args.reducer, visual_tokens=args.visual_tokens, ratio=args.ratio, **common)
     result = {"model": args.model, **benchmark.with_retention(reduced, unreduced)}

@@ -79,3 +79,15 @@ def test_budget_flags_are_checked(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         evaluate_job.parse_args(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unreduced_scores_are_reused_only_for_the_same_items(random_reference, tmp_path):
+    baseline = tmp_path / "none.json"
+    evaluate_job.main(["--model", str(random_reference), "--reducer", "none", "--questions", "7", "--captions", "1",
+                       "--json", str(baseline)])
+    reused = evaluate_job.main(["--model", str(random_reference), "--reducer", "random", "--ratio", "0.5",
+                                "--questions", "7", "--captions", "1", "--unreduced", str(baseline)])
+    assert reused["unreduced"]["per_task"] == json.loads(baseline.read_text())["per_task"]
+    with pytest.raises(SystemExit, match="questions 7 != 14"):
+        evaluate_job.main(["--model", str(random_reference), "--reducer", "random", "--ratio", "0.5",
+                           "--questions", "14", "--captions", "1", "--unreduced", str(baseline)])
