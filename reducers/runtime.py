@@ -445,7 +445,7 @@ class Runtime:
         else:
             p.stats["decode_steps"] = p.step
         self._note_kv_bytes()
-        if self.evicts:
+        if self.evicts and output.past_key_values is not None:  # a forward without a cache has nothing to evict
             allowed = self.method.decode_keep(p.step + 1, p.after_prefill_visual)
             if allowed is not None:
                 for layer in range(self.shape.llm_layers):
