@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .stages import pack
 from .step import Step
 
 
@@ -64,9 +65,7 @@ def text_rows(step: Step) -> tuple[Tensor, Tensor]:
     """The text tokens after each row's first visual token (the ones that can see the image): [N, T] + valid."""
     first_visual = step.cand[:, :1]  # [N, 1]
     after = step.text & (torch.arange(step.text.shape[1], device=step.cand.device) > first_visual)
-    order = torch.argsort((~after).to(torch.int8), dim=1, stable=True)
-    count = int(after.sum(1).max().clamp(min=1))
-    return order[:, :count], after.gather(1, order[:, :count])
+    return pack(after)
 
 
 def text_attention(step: Step) -> tuple[Tensor, Tensor]:

@@ -64,10 +64,8 @@ def split(step: Step, keep_score: Tensor, keep: Tensor | None = None) -> Split:
     Ties go to the earlier candidate (stable sort), so results are deterministic.
     """
     keep = step.keep if keep is None else keep
-    score = keep_score.float().masked_fill(~step.cand_valid, float("-inf"))
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices  # [N, V]
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
-    kept_mask = (rank < keep[:, None]) & step.cand_valid
+    place = descending_position(keep_score.float().masked_fill(~step.cand_valid, float("-inf")))  # [N, V]
+    kept_mask = (place < keep[:, None]) & step.cand_valid
     kept, kept_valid = pack(kept_mask)
     dropped, dropped_valid = pack(step.cand_valid & ~kept_mask)
     return Split(kept, kept_valid, dropped, dropped_valid)

@@ -13,7 +13,8 @@ from reducers.tiny import TinySpec, build_model, build_processor
 
 
 def test_available_lists_every_method():
-    assert reducers.available() == sorted(["none", "random", "fastv", "visionzip", "ficoco-v", "ficoco-l", "ficoco-vl"])
+    assert reducers.available() == sorted(["none", "random", "fastv", "visionzip", "ficoco-v", "ficoco-l", "ficoco-vl",
+                                           "st3", "tokencarve"])
 
 
 @pytest.mark.parametrize("kwargs, message", [
