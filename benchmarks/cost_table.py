@@ -25,9 +25,11 @@ def prefill_cost(config, dims: ModelDims, method: str, budget: int, prompt_token
                 else reducers.schedule(config, method, visual_tokens=budget))
     vision = (vision_tower_flops(dims.vision, schedule["vision_tokens_per_layer"], num_crops=1)
               + projector_flops(dims.projector, dims.projected_per_crop))
-    # Each decoder layer processes the prompt plus its visual tokens, and caches K/V for exactly those.
+    # Each decoder layer processes the prompt plus its visual tokens; its cache holds those (or fewer, if a later
+    # layer cut the earlier caches too).
     tokens_per_layer = [prompt_tokens + visual for visual in schedule["visual_tokens_per_layer"]]
-    return vision, prefill_flops(dims.text, tokens_per_layer), kv_bytes(dims.text, tokens_per_layer, FP16_BYTES)
+    entries_per_layer = [prompt_tokens + visual for visual in schedule["visual_entries_per_layer"]]
+    return vision, prefill_flops(dims.text, tokens_per_layer), kv_bytes(dims.text, entries_per_layer, FP16_BYTES)
 
 
 def markdown_table(config_name: str, prompt_tokens: int) -> str:

@@ -69,8 +69,9 @@ def _check_reachable(method: Method, shape: ModelShape, full: int, visual_tokens
 def schedule(config, name: str, visual_tokens: int | None = None, ratio: float | None = None, **params) -> dict:
     """Per-layer visual-token counts of one image at the nominal full count, without running a model.
 
-    Returns `vision_tokens_per_layer` (tokens incl. CLS entering each tower layer) and
-    `visual_tokens_per_layer` (visual tokens at each LLM layer in prefill), as the runtime would produce.
+    Returns `vision_tokens_per_layer` (tokens incl. CLS entering each tower layer), `visual_tokens_per_layer`
+    (visual tokens at each LLM layer in prefill) and `visual_entries_per_layer` (visual entries each layer's
+    cache holds after prefill), as the runtime would produce.
     """
     method = validate(config, name, visual_tokens, ratio, **params)
     shape = ModelShape.from_config(config)
@@ -86,7 +87,10 @@ def schedule(config, name: str, visual_tokens: int | None = None, ratio: float |
     if llm_sites:
         for site, count in zip(llm_sites, budget.llm_counts(entering, n, llm_sites, shape.llm_layers)):
             llm[site:] = [int(count)] * (shape.llm_layers - site)
-    return {"vision_tokens_per_layer": vision, "visual_tokens_per_layer": llm,
+    cached = list(llm)
+    if method.prune_cache_before and llm_sites:  # the layers before the first site keep only what it kept
+        cached[:llm_sites[0]] = [llm[llm_sites[0]]] * llm_sites[0]
+    return {"vision_tokens_per_layer": vision, "visual_tokens_per_layer": llm, "visual_entries_per_layer": cached,
             "visual_tokens_avg": sum(llm) / len(llm), "visual_tokens_in": shape.patches}
 
 
