@@ -46,8 +46,8 @@ class Recipe:
     architecture: Architecture = field(default_factory=Architecture)
     seed: int = 0
     batch_size: int = 16
-    vision_steps: int = 400
-    joint_steps: int = 3000
+    vision_steps: int = 1200
+    joint_steps: int = 1400
     vision_lr: float = 2e-3
     joint_lr: float = 1e-3
     warmup_steps: int = 50
