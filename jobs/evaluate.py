@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--reducer {args.reducer} needs a budget: --visual-tokens N or --ratio R")
     if args.reducer == "none" and (args.visual_tokens is not None or args.ratio is not None):
         parser.error("--reducer none keeps every visual token and takes no budget")
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"no model at {args.model} (config.json missing); train one with jobs/train_reference.py "
+                     "and pass --model DIR")
     return args
 
 

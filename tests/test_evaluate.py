@@ -75,9 +75,9 @@ def test_methods_and_budgets(random_reference, tmp_path, reducer):
     (["--reducer", "none", "--ratio", "0.5"], "takes no budget"),
     (["--reducer", "fastv", "--ratio", "0.5", "--visual-tokens", "4"], "not allowed with"),
 ])
-def test_budget_flags_are_checked(args, message, capsys):
+def test_budget_flags_are_checked(args, message, capsys, random_reference):
     with pytest.raises(SystemExit) as exit_:
-        evaluate_job.parse_args(args)
+        evaluate_job.parse_args(["--model", str(random_reference), *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -91,3 +91,9 @@ def test_unreduced_scores_are_reused_only_for_the_same_items(random_reference, t
     with pytest.raises(SystemExit, match="questions 7 != 14"):
         evaluate_job.main(["--model", str(random_reference), "--reducer", "random", "--ratio", "0.5",
                            "--questions", "14", "--captions", "1", "--unreduced", str(baseline)])
+
+
+def test_a_missing_model_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_job.parse_args(["--model", str(tmp_path / "nowhere"), "--reducer", "none"])
+    assert exit_.value.code == 2 and "no model at" in capsys.readouterr().err
