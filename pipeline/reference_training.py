@@ -55,6 +55,7 @@ class Recipe:
     aux_weight: float = 1.0
     joint_vision_lr_scale: float = 0.3
     align_weight: float = 1.0
+    turn_weighted_loss: bool = True  # every answer weighs the same in the loss (see answer_loss)
     drop_probability: float = 0.5   # share of joint batches with background patches dropped (see make_batch)
     init_from: str | None = None    # a folder saved by an earlier run (probes chain stages this way)
     validate_every: int = 250
@@ -283,6 +284,24 @@ def word_alignment_loss(projected: Tensor, patch_pair: Tensor, word_embeddings: 
     return (1 - F.cosine_similarity(projected[on_object].float(), target.float(), dim=-1)).mean()
 
 
+def answer_loss(logits: Tensor, labels: Tensor, turn_weighted: bool) -> Tensor:
+    """Next-token cross-entropy on the answer tokens (labels != -100).
+
+    Token-averaged, a caption's ~16 tokens outweigh a one-word answer 8-fold; `turn_weighted` averages within
+    each answer first, so that every turn (every question) weighs the same.
+    """
+    target = labels[:, 1:]
+    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                                 reduction="none").view_as(target)
+    is_answer = target != -100
+    if not turn_weighted:
+        return token_loss[is_answer].mean()
+    starts = is_answer & ~F.pad(is_answer[:, :-1], (1, 0), value=False)
+    span = (starts.cumsum(1) + torch.arange(target.shape[0])[:, None] * target.shape[1])[is_answer]
+    _, span_index, span_length = torch.unique(span, return_inverse=True, return_counts=True)
+    return (token_loss[is_answer] / span_length[span_index]).sum() / len(span_length)
+
+
 def schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -372,8 +391,8 @@ class Trainer:
                 group["lr"] = recipe.joint_lr * group["scale"] * schedule(step, recipe.joint_steps, recipe.warmup_steps)
             with self.autocast:
                 output = self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                                    attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                                    labels=batch["labels"])
+                                    attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+                output.loss = answer_loss(output.logits, batch["labels"], recipe.turn_weighted_loss)
                 aux_loss, accuracy = self.heads.loss(self.tap.features, batch["targets"])
                 align_loss = word_alignment_loss(self.tap.projected, batch["targets"]["patch_pair"],
                                                  self.model.get_input_embeddings().weight, self.processor.tokenizer)

@@ -8,8 +8,9 @@ import torch
 
 from pipeline.benchmark import Item, ObjectOracle, caption_items, object_coverage, question_items, retention, score
 from pipeline.reference import Architecture, build_model, build_processor, prompt
-from pipeline.reference_training import (PAIRS, PatchDropper, answer_accuracy, dropped_background, make_batch,
-                                         pack_turns, scene_questions, vision_targets, word_alignment_loss)
+from pipeline.reference_training import (PAIRS, PatchDropper, answer_accuracy, answer_loss, dropped_background,
+                                         make_batch, pack_turns, scene_questions, vision_targets,
+                                         word_alignment_loss)
 from pipeline.scenes import CAPTION_TASK, TASKS, generate_scene, render_scene, vocabulary
 from reducers.step import Step
 
@@ -207,3 +208,23 @@ def test_dropped_background_keeps_objects():
     for seed in range(20):
         kept = dropped_background(coverage, np.random.default_rng(seed))
         assert {3, 40, 41} <= set(kept) and kept == sorted(kept)
+
+
+def test_answer_loss_weighs_turns_equally(small):
+    tok = small[0].tokenizer
+    questions = scene_questions(generate_scene(9))
+    labels = pack_turns(tok, [list(range(4))], [questions], 4)["labels"]
+    logits = torch.randn(1, labels.shape[1], len(tok))
+    target = labels[0, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits[0, :-1], target, ignore_index=-100, reduction="none")
+    assert answer_loss(logits, labels, turn_weighted=False) == pytest.approx(per_token[target != -100].mean().item(), rel=1e-5)
+    spans, current = [], []
+    for value, loss in zip(target.tolist(), per_token.tolist()):
+        if value != -100:
+            current.append(loss)
+        elif current:
+            spans.append(sum(current) / len(current))
+            current = []
+    spans += [sum(current) / len(current)] if current else []
+    assert len(spans) == len(questions)
+    assert answer_loss(logits, labels, turn_weighted=True) == pytest.approx(sum(spans) / len(spans), rel=1e-5)
