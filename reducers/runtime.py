@@ -76,7 +76,6 @@ class Tower:
 class Pass:
     """State of one generate call (or one plain forward), from prefill to the last decode step."""
     image_mask: Tensor                  # [B, S_in] <image> placeholders of the prompt
-    prompt_tokens: Tensor               # [B]
     images: Images | None = None
     llm_keep: dict[int, Tensor] = field(default_factory=dict)  # LLM site -> [B] visual tokens kept from there on
     kv: list[Layout] = field(default_factory=list)  # per LLM layer: what its cache holds
@@ -224,7 +223,7 @@ class Runtime:
                  "visual_tokens_in": full_row.tolist(), "visual_tokens_budget": full_row.tolist(),
                  "decode_steps": 0, "scoring_seconds": 0.0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
                  "kv_bytes_peak": 0, "dtype_bytes": self.lm.dtype.itemsize}
-        return Pass(image_mask=image_mask, prompt_tokens=prompt, stats=stats)
+        return Pass(image_mask=image_mask, stats=stats)
 
     def _take_images(self, image_mask: Tensor) -> None:
         """Bind the images the tower just ran on to the prompt's rows; set the LLM sites' keep counts."""
