@@ -36,6 +36,14 @@ def load_job(name: str):
 evaluate_job = load_job("evaluate")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs pass --threads 1 (two threads on a shared 2-core machine run 5x slower); restored after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def check_result(result: dict, reducer: str, questions: int, captions: int) -> None:
     assert result["reducer"] == reducer and result["questions"] == questions and result["captions"] == captions
     assert set(result["per_task"]) == set(TASKS)
@@ -63,7 +71,7 @@ def test_command_line_end_to_end(random_reference, tmp_path):
 def test_methods_and_budgets(random_reference, tmp_path, reducer):
     out = tmp_path / "result.json"
     result = evaluate_job.main(["--model", str(random_reference), "--reducer", *reducer, "--questions", "7",
-                                "--captions", "2", "--json", str(out)])
+                                "--captions", "2", "--threads", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     check_result(result, reducer[0], 7, 2)
     if reducer[0] == "none":
@@ -84,9 +92,9 @@ def test_budget_flags_are_checked(args, message, capsys, random_reference):
 def test_unreduced_scores_are_reused_only_for_the_same_items(random_reference, tmp_path):
     baseline = tmp_path / "none.json"
     evaluate_job.main(["--model", str(random_reference), "--reducer", "none", "--questions", "7", "--captions", "1",
-                       "--json", str(baseline)])
+                       "--threads", "1", "--json", str(baseline)])
     reused = evaluate_job.main(["--model", str(random_reference), "--reducer", "random", "--ratio", "0.5",
-                                "--questions", "7", "--captions", "1", "--unreduced", str(baseline)])
+                                "--questions", "7", "--captions", "1", "--threads", "1", "--unreduced", str(baseline)])
     assert reused["unreduced"]["per_task"] == json.loads(baseline.read_text())["per_task"]
     with pytest.raises(SystemExit, match="questions 7 != 14"):
         evaluate_job.main(["--model", str(random_reference), "--reducer", "random", "--ratio", "0.5",
