@@ -6,10 +6,12 @@ starts at `pipeline.benchmark.HELD_OUT_SEED_START`, the validation range below a
    patch and whether it holds an object's centre, and on CLS which pairs are present. Dense per-patch
    targets teach shapes in minutes where answer-only training learned colours alone; they also keep each
    object's information in the patches that cover it, which is what lets the benchmark judge pruning.
-2. joint: the whole model learns to answer (loss on answer tokens only), the auxiliary losses kept on.
+2. joint: the whole model learns to answer (loss on answer tokens only, averaged per answer), the
+   auxiliary losses kept on, plus `word_alignment_loss` (object patches project onto their words) and drop
+   batches (`make_batch`: background patches leave the LM input, so reduced inputs are in distribution).
    Each image carries every task as a separate turn that sees the image prefix and itself only (a 4-D
    block mask, positions restarting after the prefix): identical to single-turn prompts at evaluation,
-   with the 144 image tokens paid once per ~10 answers.
+   with the 144 image tokens paid once per ~11 answers.
 """
 from __future__ import annotations
 
