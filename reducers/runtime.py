@@ -508,10 +508,10 @@ class Runtime:
         if p is None:
             return None
         hidden = args[0]
-        if p.prefill and layer + 1 in self.llm_sites:
-            p.score_rope = p.kv[layer].rope or kwargs["position_embeddings"]
         if p.prefill and layer in self.llm_sites and p.images is not None:
             hidden = self._reduce_llm(layer, hidden, kwargs)
+        if p.prefill and layer + 1 in self.llm_sites:  # this layer's q / k will score the next site
+            p.score_rope = p.kv[layer].rope or kwargs["position_embeddings"]
         layout = p.kv[layer]
         if layout is p.input_layout:
             return (hidden, *args[1:]), kwargs

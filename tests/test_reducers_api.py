@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import reducers
 from conftest import get_tiny
 from reducers import budget, scores, stages
+from reducers.shape import ModelShape
 from reducers.step import Step
 from reducers.tiny import TinySpec, build_model, build_processor
 
@@ -144,3 +145,16 @@ def test_vision_methods_scale_to_a_two_layer_tower(method):
         model.generate(**batch, max_new_tokens=2, do_sample=False)
     assert att.stats["visual_tokens_avg"] == pytest.approx([144.0, 144.0], abs=576 / 8)
     assert att.stats["vision_tokens_per_layer"][0] == 2 * 577
+
+
+def test_llm_sites_on_adjacent_layers():
+    """st3 on a 12-layer LLM prunes at layers 1 and 2 (and on): a site scores with the previous site's output."""
+    spec = TinySpec(llm_layers=12)
+    processor = build_processor(spec)
+    model = build_model(processor.tokenizer, spec)
+    tiny = get_tiny("llava")
+    batch = processor(images=tiny.images[:2], text=tiny.prompts[:2], padding=True, return_tensors="pt")
+    assert reducers.validate(model.config, "st3", ratio=1 / 9).llm_sites(ModelShape.from_config(model.config))[:2] == [1, 2]
+    with reducers.attach(model, "st3", ratio=1 / 9) as att, torch.inference_mode():
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert att.stats["visual_tokens_avg"] == pytest.approx([64.0, 64.0], abs=576 / 12)
