@@ -46,7 +46,7 @@ def image_size_of(processor) -> int:
     return int(processor.image_processor.crop_size["height"])
 
 
-@register("object-oracle")
+@register("object-oracle", listed=False)
 class ObjectOracle(Method):
     """Benchmark-only reference, not a method: keeps the patches the objects cover most (from the scene's ground
     truth), the rest by a seeded random draw, at the same place as `random` (after the tower's first layer).

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import budget
-from .methods import METHODS, Method, create
+from .methods import LISTED, Method, create
 from .runtime import Runtime
 from .shape import ModelShape
 
@@ -25,7 +25,7 @@ _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneratio
 
 def available() -> list[str]:
     """Names of the reduction methods."""
-    return sorted(METHODS)
+    return sorted(LISTED)
 
 
 def validate(config, name: str, visual_tokens: int | None = None, ratio: float | None = None, **params) -> Method:

@@ -184,8 +184,10 @@ def test_detach_restores_the_model(method, family):
     tiny = get_tiny(family)
     ref = reference(tiny)
     att = reducers.attach(tiny.model, method, **budget_for(tiny))
-    reduced = generate(tiny.model, tiny.inputs())
-    att.detach()
+    try:
+        reduced = generate(tiny.model, tiny.inputs())
+    finally:
+        att.detach()
     assert no_hooks_left(tiny.model)
     after = generate(tiny.model, tiny.inputs())
     assert torch.equal(after.sequences, ref.sequences)

@@ -15,6 +15,7 @@ from ..shape import ModelShape
 from ..step import Reduction, Step
 
 METHODS: dict[str, type["Method"]] = {}
+LISTED: set[str] = set()  # the product's methods (what `reducers.available()` names)
 
 
 class Method:
@@ -46,19 +47,25 @@ class Method:
         raise TypeError(f"{self.name} evicts nothing during decoding")
 
 
-def register(name: str):
-    """Class decorator: make a Method available under `name` (a dataclass of its hyperparameters)."""
+def register(name: str, listed: bool = True):
+    """Class decorator: make a Method available under `name` (a dataclass of its hyperparameters).
+
+    `listed=False` registers a helper that can be attached by name but is not a product method (e.g. a
+    benchmark's oracle): `reducers.available()` and the tests that run every method leave it out.
+    """
     def add(cls):
         cls = dataclasses.dataclass(cls)
         cls.name = name
         METHODS[name] = cls
+        if listed:
+            LISTED.add(name)
         return cls
     return add
 
 
 def create(name: str, **params) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown reduction method {name!r}; available: {', '.join(sorted(METHODS))}")
+        raise ValueError(f"unknown reduction method {name!r}; available: {', '.join(sorted(LISTED))}")
     fields = {f.name for f in dataclasses.fields(METHODS[name])}
     unknown = set(params) - fields
     if unknown:
