@@ -63,6 +63,15 @@ def get_tiny(name: str, dtype: torch.dtype = torch.float32) -> Tiny:
     return _CACHE[key]
 
 
+def small_model_and_batch(spec: TinySpec, rows: int = 2):
+    """A fresh tiny model of `spec` and a left-padded batch of the first `rows` sample prompts for it."""
+    processor = build_processor(spec)
+    model = build_model(processor.tokenizer, spec)
+    sample = get_tiny("llava")
+    batch = processor(images=sample.images[:rows], text=sample.prompts[:rows], padding=True, return_tensors="pt")
+    return model, batch
+
+
 @pytest.fixture(params=["llava", "next", "llava-gqa"])
 def tiny(request) -> Tiny:
     return get_tiny(request.param)

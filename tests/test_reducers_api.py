@@ -6,11 +6,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import reducers
-from conftest import get_tiny
+from conftest import get_tiny, small_model_and_batch
 from reducers import budget, scores, stages
-from reducers.shape import ModelShape
 from reducers.step import Step
-from reducers.tiny import TinySpec, build_model, build_processor
+from reducers.tiny import TinySpec
 
 
 def test_available_lists_every_product_method():
@@ -138,25 +137,9 @@ def test_local_penalty_doubles_each_window_maximum():
 
 @pytest.mark.parametrize("method", ["ficoco-v", "visionzip", "random", "ficoco-vl"])
 def test_vision_methods_scale_to_a_two_layer_tower(method):
-    spec = TinySpec(vision_layers=2, llm_layers=8)
-    processor = build_processor(spec)
-    model = build_model(processor.tokenizer, spec)
-    tiny = get_tiny("llava")
-    batch = processor(images=tiny.images[:2], text=tiny.prompts[:2], padding=True, return_tensors="pt")
+    model, batch = small_model_and_batch(TinySpec(vision_layers=2, llm_layers=8))
     with reducers.attach(model, method, ratio=0.25) as att, torch.inference_mode():
         model.generate(**batch, max_new_tokens=2, do_sample=False)
     assert att.stats["visual_tokens_avg"] == pytest.approx([144.0, 144.0], abs=576 / 8)
     assert att.stats["vision_tokens_per_layer"][0] == 2 * 577
 
-
-def test_llm_sites_on_adjacent_layers():
-    """st3 on a 12-layer LLM prunes at layers 1 and 2 (and on): a site scores with the previous site's output."""
-    spec = TinySpec(llm_layers=12)
-    processor = build_processor(spec)
-    model = build_model(processor.tokenizer, spec)
-    tiny = get_tiny("llava")
-    batch = processor(images=tiny.images[:2], text=tiny.prompts[:2], padding=True, return_tensors="pt")
-    assert reducers.validate(model.config, "st3", ratio=1 / 9).llm_sites(ModelShape.from_config(model.config))[:2] == [1, 2]
-    with reducers.attach(model, "st3", ratio=1 / 9) as att, torch.inference_mode():
-        model.generate(**batch, max_new_tokens=3, do_sample=False)
-    assert att.stats["visual_tokens_avg"] == pytest.approx([64.0, 64.0], abs=576 / 12)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import reducers
-from conftest import get_tiny
+from conftest import get_tiny, small_model_and_batch
 from reducers.shape import ModelShape
 from reducers.spectral import information_score
-from reducers.tiny import TinySpec, build_model, build_processor
+from reducers.tiny import TinySpec
 from test_reducers_models import Replay
 
 NEW_TOKENS = 6
@@ -264,11 +264,7 @@ def test_tokencarve_merges_half_a_budget_of_selected_tokens_into_the_top_half():
 @pytest.mark.parametrize("method", ["st3", "tokencarve"])
 def test_shallow_models_get_the_relative_schedule(method):
     # 8 layers: ST3's every-4th-of-32 lands on layers 1, 2, 4, 6, 7 (adjacent pruning layers); TokenCarve's K on 1
-    spec = TinySpec(vision_layers=2, llm_layers=8)
-    processor = build_processor(spec)
-    model = build_model(processor.tokenizer, spec)
-    tiny = get_tiny("llava")
-    batch = processor(images=tiny.images[:2], text=tiny.prompts[:2], padding=True, return_tensors="pt")
+    model, batch = small_model_and_batch(TinySpec(vision_layers=2, llm_layers=8))
     with reducers.attach(model, method, ratio=0.25) as att, torch.inference_mode():
         model.generate(**batch, max_new_tokens=2, do_sample=False)
     per_layer = torch.tensor(att.stats["visual_tokens_per_layer"])  # [L, B]
