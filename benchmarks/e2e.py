@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import platform
 import statistics
 import time
 
 import torch
 
 import reducers
-from benchmarks.prefill import BUDGETS, CPU_SPEC, LLAVA_7B_SPEC, make_batch
+from benchmarks.prefill import BUDGETS, add_shared_arguments, make_batch, setup
 from reducers.accounting import TextDims, batch_cost, kv_bytes, model_dims
 from reducers.spectral import information_score
 from reducers.tiny import TinySpec, build_model, build_processor
@@ -164,22 +163,13 @@ def run(spec: TinySpec, dtype: torch.dtype, device: str, rows: int, repeats: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per point (median reported); default 1")
-    parser.add_argument("--rows", type=int, default=4, help="batch size; default 4")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--llava-7b", action="store_true", help="LLaVA-1.5-7B shapes in fp16 (for a GPU)")
+    add_shared_arguments(parser, repeats=1)
     parser.add_argument("--llm-layers", type=int, default=16,
                         help="LLM depth on CPU; default 16: ST3's every-4th-of-32 pruning layers then land on every 2nd")
-    parser.add_argument("--methods", default=",".join(reducers.available()), help="comma-separated; default all")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec, dtype = (LLAVA_7B_SPEC, torch.float16) if args.llava_7b else (CPU_SPEC, torch.bfloat16)
+    spec, dtype, device_name = setup(args)
     if not args.llava_7b:
         spec = dataclasses.replace(spec, llm_layers=args.llm_layers)
-    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
-                   else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"# end-to-end captioning benchmark {datetime.date.today()} on {device_name}; vision {spec.vision_hidden}x"
           f"{spec.vision_layers}, LLM {spec.llm_hidden}x{spec.llm_layers}, {dtype}, batch {args.rows}, {NEW_TOKENS} new "
           f"tokens, median of {args.repeats}")

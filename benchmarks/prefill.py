@@ -96,19 +96,31 @@ def format_row(r: dict) -> str:
             f"{r['flops_speedup']:.2f}x | {r['efficiency']:.2f} | {100 * r['scoring_share']:.1f} % |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported); default 3")
+def add_shared_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The flags every model benchmark takes (benchmarks/e2e.py too)."""
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per point (median reported); default {repeats}")
     parser.add_argument("--rows", type=int, default=4, help="batch size; default 4")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llava-7b", action="store_true", help="LLaVA-1.5-7B shapes in fp16 (for a GPU)")
     parser.add_argument("--methods", default=",".join(reducers.available()), help="comma-separated; default all")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
+
+
+def setup(args: argparse.Namespace) -> tuple[TinySpec, torch.dtype, str]:
+    """Apply --threads; the model shapes and dtype the flags ask for, and the device's name for the header."""
     if args.threads:
         torch.set_num_threads(args.threads)
     spec, dtype = (LLAVA_7B_SPEC, torch.float16) if args.llava_7b else (CPU_SPEC, torch.bfloat16)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    return spec, dtype, device_name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shared_arguments(parser, repeats=3)
+    args = parser.parse_args()
+    spec, dtype, device_name = setup(args)
     print(f"# prefill benchmark {datetime.date.today()} on {device_name}; vision {spec.vision_hidden}x{spec.vision_layers}, "
           f"LLM {spec.llm_hidden}x{spec.llm_layers}, {dtype}, batch {args.rows}, median of {args.repeats}")
     print(HEADER)
