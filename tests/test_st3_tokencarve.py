@@ -2,7 +2,7 @@
 
 ST^3: the decode-time KV eviction (VTA) follows its annealing curve exactly, frees cache entries for real, and
 generation with eviction equals a no-cache forward in which each generated token sees only the visual entries
-that survived at its step (an explicit 4-D mask per layer). TokenCarve: its information score equals the full-SVD
+that survived at its step (an explicit 4-D mask per layer). TokenCarve: its information score equals the SVD
 definition, and the caches of the layers before its pruning layer are cut to the kept tokens.
 """
 from __future__ import annotations
@@ -168,47 +168,57 @@ def test_st3_prunes_every_fourth_layer_from_layer_two_and_meets_the_budget():
         reducers.validate(config, "st3", visual_tokens=128, floor=0.0)
 
 
-def full_svd_score(x: torch.Tensor) -> torch.Tensor:
-    """The definition: ||(U S)_i||_1 from a full SVD of each row's [V, D] matrix, in fp64."""
-    u, s, _ = torch.linalg.svd(x.double(), full_matrices=False)
+def svd_score(x: torch.Tensor) -> torch.Tensor:
+    """The definition: ||(U S)_i||_1 from torch.linalg.svd of each row's [V, D] matrix (in x's dtype)."""
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
     return (u * s[:, None, :]).abs().sum(-1)
 
 
-def test_information_score_equals_the_full_svd_definition():
+@pytest.mark.parametrize("eigh_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [24, 96])  # D < V: from X^T X; V <= D: from X X^T (the LLaVA case)
+def test_information_score_equals_the_svd_definition_with_padding(width, eigh_dtype):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 40, 24, generator=g) * torch.linspace(3, 0.1, 24)  # distinct singular values
+    x = torch.randn(3, 40, width, generator=g)
+    x[2, 5] = 0  # a real token whose state is all zero carries no information
     valid = torch.ones(3, 40, dtype=torch.bool)
     valid[1, 30:] = False  # a row with fewer candidates: its padding must not change its score
-    x_padded = x * valid[..., None] + 100 * ~valid[..., None]
     expected = torch.zeros(3, 40)
     for b in range(3):
         n = int(valid[b].sum())
-        expected[b, :n] = full_svd_score(x[b:b + 1, :n])[0].float()
-    exact = information_score(x_padded, valid, directions=24, power_steps=0)  # all directions: exact
-    torch.testing.assert_close(exact, expected, atol=1e-4, rtol=1e-4)
-    assert (exact[1, 30:] == 0).all()
+        expected[b, :n] = svd_score(x[b:b + 1, :n])[0]
+    score = information_score(torch.where(valid[..., None], x, 100.0), valid, eigh_dtype)
+    # fp32 eigenvectors carry rounding of ~eps x the largest eigenvalue: 1e-4 of the top score at the zero token here
+    torch.testing.assert_close(score, expected, atol=2e-4 * float(expected.max()), rtol=1e-4)
+    assert (score[1, 30:] == 0).all()
 
 
 def ranks(score: torch.Tensor) -> torch.Tensor:
     return score.argsort(-1).argsort(-1).double()
 
 
-def test_information_score_on_top_directions_ranks_tokens_like_the_full_svd():
-    # hidden states of LLMs concentrate on a few directions; here 8 strong ones plus isotropic noise. TokenCarve uses
-    # the score only through its ranking, so that is what must agree: the dropped noise directions add nearly the same
-    # amount to every token's L1 norm (the values are lower, the order stays).
+def agreement(score: torch.Tensor, reference: torch.Tensor) -> tuple[float, dict[int, float]]:
+    """The lowest Spearman correlation over rows, and per k the lowest share of the top k both scores pick."""
+    spearman = min(float(torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1]) for a, b in zip(score, reference))
+    overlap = {k: min(len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
+                      for a, b in zip(score, reference)) for k in (96, 288)}  # TokenCarve's selections at 64 and 192
+    return spearman, overlap
+
+
+def test_information_score_agrees_with_the_svd_at_the_benchmark_shape():
+    # [576, 2048] states per row: isotropic noise plus a component every token shares (LLM states carry one). The
+    # fp32 eigendecomposition rounds at eps x the shared direction's eigenvalue, which blurs the others as that
+    # component grows (README); in fp64 the score stays the SVD's.
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(2, 576, 8, generator=g) @ torch.randn(2, 8, 256, generator=g)
-         + 0.05 * torch.randn(2, 576, 256, generator=g))
+    noise = torch.randn(2, 576, 2048, generator=g)
     valid = torch.ones(2, 576, dtype=torch.bool)
-    full = full_svd_score(x)
-    top = information_score(x, valid, directions=32, power_steps=2).double()
-    for row in range(2):
-        spearman = torch.corrcoef(torch.stack([ranks(full[row]), ranks(top[row])]))[0, 1]
-        assert spearman > 0.999
-        keep = 96  # the selection TokenCarve makes at 64 tokens (1.5 x 64)
-        overlap = set(full[row].topk(keep).indices.tolist()) & set(top[row].topk(keep).indices.tolist())
-        assert len(overlap) >= 0.95 * keep
+    for shared, fp32_spearman, fp32_overlap in ((0.5, 0.995, 0.9), (3.0, None, None)):
+        x = noise + shared * torch.randn(2, 1, 2048, generator=g)
+        reference = svd_score(x.double())
+        spearman, overlap = agreement(information_score(x, valid, torch.float64), reference)
+        assert spearman > 0.9999 and min(overlap.values()) >= 0.99, (shared, spearman, overlap)
+        if fp32_spearman is not None:
+            spearman, overlap = agreement(information_score(x, valid), reference)
+            assert spearman > fp32_spearman and min(overlap.values()) >= fp32_overlap, (shared, spearman, overlap)
 
 
 def cached_keys(cache, layer: int, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
