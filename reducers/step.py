@@ -35,7 +35,8 @@ class Step:
     @property
     def hidden_cand(self) -> Tensor:
         """[N, V, D] the candidates' hidden states."""
-        return self.hidden.gather(1, self.cand[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        from .stages import gather_rows  # stages builds on this module
+        return gather_rows(self.hidden, self.cand)
 
 
 @dataclass
