@@ -1,4 +1,4 @@
-"""Attention-derived token scores, computed from captured q / k, in fp32, one key/value head at a time.
+"""Attention-derived token scores, computed from captured q / k in cache-sized batches of heads (fp32 softmax).
 
 The model's own attention stays SDPA (no attention weights come out of it); a site asks only for the
 rows it needs (CLS, the last text token, the candidates, the text) and gets head-averaged softmax
@@ -6,35 +6,105 @@ probabilities A[row, key] over the keys that row may attend to (real tokens; cau
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .stages import pack
 from .step import Step
 
+_CHUNK = 1 << 19  # logits per batched product: small enough to stay in cache, large enough for few Python steps
+_ROW_BLOCK = 128  # query rows per block under a causal mask
+
 
 def attention_rows(step: Step, rows: Tensor) -> Tensor:
     """A for query rows `rows` [N, R] (sequence positions) against all keys: [N, R, S], head-averaged."""
     n, h, s, d = step.q.shape
-    q = step.q.gather(2, rows[:, None, :, None].expand(-1, h, -1, d))  # [N, H, R, d]
+    flat = step.q.transpose(1, 2).reshape(n * s, h, d)  # the captured [N, S, H, d] layout: whole rows copy fast
+    q = flat.index_select(0, (rows + s * torch.arange(n, device=rows.device)[:, None]).view(-1))
+    q = q.view(n, -1, h, d).transpose(1, 2)  # [N, H, R, d]
+    if not step.causal and bool(step.key_valid.all()):
+        return query_attention(q, step.k)  # nothing to mask (a tower without ragged crops)
     allowed = step.key_valid[:, None, :].expand(-1, rows.shape[1], -1)  # [N, R, S]
     if step.causal:
         allowed = allowed & (torch.arange(s, device=rows.device) <= rows[..., None])
     return query_attention(q, step.k, allowed)
 
 
-def query_attention(q: Tensor, k: Tensor, allowed: Tensor) -> Tensor:
+def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tensor:
     """Head-averaged softmax(q k^T / sqrt(d)) over the allowed keys: q [N, H, R, d], k [N, Hkv, S, d],
-    allowed [N, R, S] -> [N, R, S]. Rows with no allowed key (padding) get zeros."""
+    allowed [N, R, S] (None: every key) -> [N, R, S] fp32. Rows with no allowed key (padding) get zeros.
+
+    A bf16 model's logits are bf16 products (fp32 accumulation, rounded once: about the rounding its q / k already
+    carry), any other model's fp32; the softmax is fp32.
+    """
     n, h, r, d = q.shape
     h_kv, s = k.shape[1], k.shape[2]
-    group = h // h_kv  # grouped-query attention: `group` query heads share one key head
-    q = q.float() * d ** -0.5
+    group = h // h_kv  # grouped-query attention: a key head's `group` query heads sit side by side in each row
+    dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    # head-major copies, so that a run of key heads (or of batch rows within one) is one dense batch of products
+    q = _contiguous(q.unflatten(1, (h_kv, group)).permute(1, 0, 3, 2, 4), dtype).view(h_kv, n, r * group, d)
+    k = _contiguous(k.transpose(0, 1), dtype)  # [Hkv, N, S, d]
+    blocked = None if allowed is None else ~allowed.repeat_interleave(group, 1)  # [N, R * group, S]
+    plans = []  # per row block: key heads and batch rows per product (at most _CHUNK logits, or one of each)
+    for top, end, keys in _row_blocks(allowed, r, s):
+        size = group * (end - top) * keys  # logits of one key head and one batch row
+        plans.append((top, end, keys, max(1, min(h_kv, _CHUNK // (n * size))), max(1, min(n, _CHUNK // size))))
+    buffer = max(heads * batch * group * (end - top) * keys for top, end, keys, heads, batch in plans)
+    logits = torch.empty(buffer, dtype=dtype, device=q.device)
+    scratch = None if dtype == torch.float32 else torch.empty(buffer, device=q.device)  # bf16 logits in fp32
+    probs = torch.empty(buffer, device=q.device)
     total = torch.zeros(n, r, s, device=q.device)
-    for kv_head in range(h_kv):
-        logits = q[:, kv_head * group:(kv_head + 1) * group] @ k[:, kv_head, None].float().transpose(-1, -2)
-        total += torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1).nan_to_num_(0.0).sum(1)
-    return total / h
+    for top, end, keys, heads, batch in plans:
+        rows = slice(top * group, end * group)
+        for first in range(0, h_kv, heads):
+            kv = slice(first, first + heads)
+            for start in range(0, n, batch):
+                nb = slice(start, start + batch)
+                qc, kc = q[kv, nb, rows], k[kv, nb, :keys]
+                shape = (*qc.shape[:3], keys)  # [heads, batch, rows * group, keys]
+                part = _products(logits[:math.prod(shape)].view(shape), qc, kc, d ** -0.5)
+                if blocked is not None:
+                    part.masked_fill_(blocked[nb, rows, :keys], float("-inf"))
+                if scratch is not None:
+                    part = scratch[:part.numel()].view(shape).copy_(part)
+                acc = total[nb, top:end, :keys]
+                for key_head in torch.softmax(part, -1, out=probs[:part.numel()].view(shape)):
+                    for head in key_head.view(shape[1], -1, group, keys).unbind(2):
+                        acc += head
+    if blocked is not None:
+        total.nan_to_num_(0.0)  # a row with every key blocked is all NaN
+    return total.div_(h)
+
+
+def _row_blocks(allowed: Tensor | None, r: int, s: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, keys): rows [first, end) may attend only among the first `keys` keys. Under a causal mask
+    each block of _ROW_BLOCK rows stops at its last allowed key (about half the keys overall); else one block."""
+    if allowed is None:
+        return [(0, r, s)]
+    seen = allowed.any(0).cumsum(-1, dtype=torch.int32)  # [R, S]: keys allowed so far, in any batch row
+    width = ((seen < seen[:, -1:]).sum(-1) + 1).tolist()  # per row: its last allowed key + 1
+    if min(width) == max(width):
+        return [(0, r, s)]
+    return [(top, min(top + _ROW_BLOCK, r), max(width[top:top + _ROW_BLOCK])) for top in range(0, r, _ROW_BLOCK)]
+
+
+def _products(out: Tensor, q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """out [A, B, R, S] <- scale * q [A, B, R, d] @ k [A, B, S, d]^T: one batched product when q and k are whole
+    tensors, else one per (A, B) pair (a batched bf16 product would copy strided operands first)."""
+    if q.is_contiguous() and k.is_contiguous():
+        out.flatten(0, 1).baddbmm_(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), beta=0, alpha=scale)
+    else:
+        for out_a, q_a, k_a in zip(out, q, k):
+            for out_ab, q_ab, k_ab in zip(out_a, q_a, k_a):
+                out_ab.addmm_(q_ab, k_ab.T, beta=0, alpha=scale)
+    return out
+
+
+def _contiguous(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy in `dtype`, in one pass (`.to` hands back a same-dtype tensor as it is, strides and all)."""
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
 def candidate_columns(attn: Tensor, step: Step) -> Tensor:
