@@ -9,7 +9,7 @@ Attention is read at layer K-1 (causal). A[i, j] is how much query i attends to 
 The text rows are the prompt tokens after the image. Default K = the 4th layer (index 3 of 32).
 """
 from ..scores import candidate_attention, masked_mean, text_attention
-from ..stages import gather_rows, merge_self_preserving, quantile_targets, split
+from ..stages import gather_block, gather_rows, merge_self_preserving, quantile_targets, split
 from ..step import Reduction, Step
 from . import Method, register
 
@@ -32,7 +32,7 @@ class FiCoCoL(Method):
         parts = split(step, -redundancy)
         via_text = text.transpose(1, 2) @ text / text_valid.sum(1).clamp(min=1)[:, None, None]  # [N, V, V]
         corr_all = self.gamma * visual + (1 - self.gamma) * via_text
-        corr = gather_rows(gather_rows(corr_all, parts.dropped).transpose(1, 2), parts.kept).transpose(1, 2)
+        corr = gather_block(corr_all, parts.dropped, parts.kept)  # [N, R, K]
         alpha = quantile_targets(corr, parts, self.eps)
         hidden = step.hidden_cand
         return parts.reduction(merge_self_preserving(gather_rows(hidden, parts.kept), gather_rows(hidden, parts.dropped), alpha))

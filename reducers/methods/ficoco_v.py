@@ -7,7 +7,7 @@ From the middle of the tower to the feature layer, each layer removes a share of
 Kept patches stay in spatial order and CLS stays first (the runtime keeps it out of the candidates).
 """
 from ..scores import candidate_attention, cls_attention, masked_mean
-from ..stages import gather_rows, local_penalty, merge_self_preserving, quantile_targets, split
+from ..stages import gather_block, gather_rows, local_penalty, merge_self_preserving, quantile_targets, split
 from ..step import Reduction, Step
 from . import Method, register
 
@@ -27,7 +27,7 @@ class FiCoCoV(Method):
         attn = candidate_attention(step)  # [N, V, V]
         redundancy = self.lam * masked_mean(attn, step.cand_valid[:, None, :], -1) - (1 - self.lam) * cls_attention(step)
         parts = split(step, -local_penalty(redundancy, step, self.penalty))
-        corr = gather_rows(gather_rows(attn, parts.dropped).transpose(1, 2), parts.kept).transpose(1, 2)  # [N, R, K]
+        corr = gather_block(attn, parts.dropped, parts.kept)  # [N, R, K]
         alpha = quantile_targets(corr, parts, self.eps)
         hidden = step.hidden_cand
         return parts.reduction(merge_self_preserving(gather_rows(hidden, parts.kept), gather_rows(hidden, parts.dropped), alpha))
