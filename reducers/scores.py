@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .stages import pack
+from .stages import pack, unpack
 from .step import Step
 
 _CHUNK = 1 << 19  # logits per batched product: small enough to stay in cache, large enough for few Python steps
@@ -113,10 +113,14 @@ def candidate_columns(attn: Tensor, step: Step) -> Tensor:
     return cols * step.cand_valid[:, None, :]
 
 
+def cls_row(step: Step) -> Tensor:
+    """CLS's position in each vision crop: [N, 1] (zeros)."""
+    return torch.zeros_like(step.cand[:, :1])
+
+
 def cls_attention(step: Step) -> Tensor:
-    """How much CLS (position 0 of a vision crop) attends to each candidate patch: [N, V]."""
-    rows = torch.zeros(step.cand.shape[0], 1, dtype=torch.long, device=step.cand.device)
-    return candidate_columns(attention_rows(step, rows), step)[:, 0]
+    """How much CLS attends to each candidate patch: [N, V]."""
+    return candidate_columns(attention_rows(step, cls_row(step)), step)[:, 0]
 
 
 def last_token_attention(step: Step) -> Tensor:
@@ -126,11 +130,6 @@ def last_token_attention(step: Step) -> Tensor:
     return candidate_columns(attention_rows(step, rows), step)[:, 0]
 
 
-def candidate_attention(step: Step) -> Tensor:
-    """A among candidates: [N, V, V], row i = how candidate i attends to candidate j (causal in the LLM)."""
-    return candidate_columns(attention_rows(step, step.cand), step) * step.cand_valid[..., None]
-
-
 def text_rows(step: Step) -> tuple[Tensor, Tensor]:
     """The text tokens after each row's first visual token (the ones that can see the image): [N, T] + valid."""
     first_visual = step.cand[:, :1]  # [N, 1]
@@ -138,10 +137,24 @@ def text_rows(step: Step) -> tuple[Tensor, Tensor]:
     return pack(after)
 
 
-def text_attention(step: Step) -> tuple[Tensor, Tensor]:
-    """A from the text rows that follow the image to the candidates: [N, T, V], and the rows' validity [N, T]."""
-    rows, valid = text_rows(step)
-    return candidate_columns(attention_rows(step, rows), step) * valid[..., None], valid
+def candidate_rows(step: Step, extra: Tensor) -> tuple[Tensor, Tensor]:
+    """In one pass over the heads: A from every candidate to every key [N, V, S], and from the `extra` rows [N, E]
+    (sequence positions: CLS, text) to the candidates [N, E, V]."""
+    attn = attention_rows(step, torch.cat([step.cand, extra], 1))
+    v = step.cand.shape[1]
+    return attn[:, :v], candidate_columns(attn[:, v:], step)
+
+
+def candidate_mean(attn: Tensor, step: Step) -> Tensor:
+    """Each candidate's mean attention over the (valid) candidates, from candidate rows attn [N, V, S]: [N, V]."""
+    cols = unpack(step.cand, step.cand_valid, attn.shape[-1])  # [N, S]
+    return (attn * cols[:, None, :]).sum(-1) / cols.sum(1, keepdim=True).clamp(min=1) * step.cand_valid
+
+
+def candidate_block(attn: Tensor, step: Step, rows: Tensor, cols: Tensor) -> Tensor:
+    """A[candidate rows[i], candidate cols[j]] from candidate rows attn [N, V, S]: rows [N, R], cols [N, C] -> [N, R, C]."""
+    picked = attn[torch.arange(len(rows), device=rows.device)[:, None], rows]  # [N, R, S]
+    return picked.gather(2, step.cand.gather(1, cols)[:, None, :].expand(-1, rows.shape[1], -1))
 
 
 def masked_mean(x: Tensor, valid: Tensor, dim: int) -> Tensor:

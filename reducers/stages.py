@@ -48,11 +48,6 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(n * v, *x.shape[2:]).index_select(0, flat.view(-1)).view(*index.shape, *x.shape[2:])
 
 
-def gather_block(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """x [N, V, W] at per-row row indices [N, R] and column indices [N, C] -> [N, R, C]."""
-    return gather_rows(x, rows).gather(2, cols[:, None, :].expand(-1, rows.shape[1], -1))
-
-
 def scatter_rows(base: Tensor, index: Tensor, values: Tensor, valid: Tensor) -> Tensor:
     """base [N, S, ...] with values [N, K, ...] written at per-row indices [N, K] where `valid`, others untouched.
 

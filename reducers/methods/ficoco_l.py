@@ -8,8 +8,8 @@ Attention is read at layer K-1 (causal). A[i, j] is how much query i attends to 
   compress   the self-preserving average, with its denominator.
 The text rows are the prompt tokens after the image. Default K = the 4th layer (index 3 of 32).
 """
-from ..scores import candidate_attention, masked_mean, text_attention
-from ..stages import gather_block, gather_rows, merge_self_preserving, quantile_targets, split
+from ..scores import candidate_block, candidate_mean, candidate_rows, masked_mean, text_rows
+from ..stages import gather_rows, merge_self_preserving, quantile_targets, split
 from ..step import Reduction, Step
 from . import Method, register
 
@@ -25,14 +25,16 @@ class FiCoCoL(Method):
         return [shape.llm_layer(self.layer)]
 
     def reduce_llm(self, step: Step) -> Reduction:
-        visual = candidate_attention(step)  # [N, V, V]
-        text, text_valid = text_attention(step)  # [N, T, V]
+        rows, text_valid = text_rows(step)
+        visual, text = candidate_rows(step, rows)  # [N, V, S] visual -> every key; [N, T, V] text -> visual
+        text = text * text_valid[..., None]
         attended = masked_mean(text, text_valid[..., None], 1)  # [N, V]
-        redundancy = self.beta * masked_mean(visual, step.cand_valid[:, None, :], -1) - (1 - self.beta) * attended
+        redundancy = self.beta * candidate_mean(visual, step) - (1 - self.beta) * attended
         parts = split(step, -redundancy)
-        via_text = text.transpose(1, 2) @ text / text_valid.sum(1).clamp(min=1)[:, None, None]  # [N, V, V]
-        corr_all = self.gamma * visual + (1 - self.gamma) * via_text
-        corr = gather_block(corr_all, parts.dropped, parts.kept)  # [N, R, K]
+        seen = text.transpose(1, 2)  # [N, V, T]: how each text row attends to each visual token
+        via_text = gather_rows(seen, parts.dropped) @ gather_rows(seen, parts.kept).transpose(1, 2)  # [N, R, K]
+        via_text = via_text / text_valid.sum(1).clamp(min=1)[:, None, None]
+        corr = self.gamma * candidate_block(visual, step, parts.dropped, parts.kept) + (1 - self.gamma) * via_text
         alpha = quantile_targets(corr, parts, self.eps)
         hidden = step.hidden_cand
         return parts.reduction(merge_self_preserving(gather_rows(hidden, parts.kept), gather_rows(hidden, parts.dropped), alpha))

@@ -6,8 +6,8 @@ From the middle of the tower to the feature layer, each layer removes a share of
   compress   self-preserving average: x_j <- (x_j + sum_i a_ij x_i) / (1 + sum_i a_ij)
 Kept patches stay in spatial order and CLS stays first (the runtime keeps it out of the candidates).
 """
-from ..scores import candidate_attention, cls_attention, masked_mean
-from ..stages import gather_block, gather_rows, local_penalty, merge_self_preserving, quantile_targets, split
+from ..scores import candidate_block, candidate_mean, candidate_rows, cls_row
+from ..stages import gather_rows, local_penalty, merge_self_preserving, quantile_targets, split
 from ..step import Reduction, Step
 from . import Method, register
 
@@ -24,10 +24,10 @@ class FiCoCoV(Method):
         return list(range(shape.vision_layer(self.start), shape.feature_layers))
 
     def reduce_vision(self, step: Step) -> Reduction:
-        attn = candidate_attention(step)  # [N, V, V]
-        redundancy = self.lam * masked_mean(attn, step.cand_valid[:, None, :], -1) - (1 - self.lam) * cls_attention(step)
+        attn, cls = candidate_rows(step, cls_row(step))  # [N, V, S] patches -> every key; [N, 1, V] CLS -> patches
+        redundancy = self.lam * candidate_mean(attn, step) - (1 - self.lam) * cls[:, 0]
         parts = split(step, -local_penalty(redundancy, step, self.penalty))
-        corr = gather_block(attn, parts.dropped, parts.kept)  # [N, R, K]
+        corr = candidate_block(attn, step, parts.dropped, parts.kept)  # [N, R, K]
         alpha = quantile_targets(corr, parts, self.eps)
         hidden = step.hidden_cand
         return parts.reduction(merge_self_preserving(gather_rows(hidden, parts.kept), gather_rows(hidden, parts.dropped), alpha))
