@@ -33,7 +33,6 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from . import budget
 from .methods import Method
 from .shape import ModelShape
-from .scores import query_attention
 from .stages import gather_rows, pack, scatter_rows
 from .step import Reduction, Step
 
@@ -87,6 +86,7 @@ class Pass:
     prefill: bool = True
     forward: int = 0
     step: int = 0
+    evicting: bool = True  # the method may still evict: decode queries' attention is accumulated
     score_rope: tuple[Tensor, Tensor] | None = None
     stats: dict = field(default_factory=dict)
     timer: float = 0.0
@@ -151,7 +151,7 @@ class Runtime:
 
     def _capture_last_query(self, layer: int):
         def hook(module, args, output):
-            if self.pass_ is not None:
+            if self.pass_ is not None and self.pass_.evicting:
                 self.captured[f"last{layer}"] = output[:, -1:]  # [B, 1, H*d]: the newest query only
         return hook
 
@@ -160,14 +160,13 @@ class Runtime:
         def hook(module, args, kwargs, output):
             p = self.pass_
             cache = kwargs.get("past_key_values")
-            if p is None or cache is None:
+            if p is None or cache is None or not p.evicting:
                 return None
             rows = p.kv[layer].valid.shape[0]
             q = self.captured.pop(f"last{layer}").view(rows, 1, -1, module.head_dim).transpose(1, 2)
             cos, sin = kwargs["position_embeddings"]
             q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-            layout = p.kv[layer]
-            paid = query_attention(q, cache.layers[layer].keys, layout.valid[:, None, :])[:, 0]  # [B, S_l]
+            paid = _newest_query_attention(q, cache.layers[layer].keys, p.kv[layer].valid)  # [B, S_l]
             p.received[layer] = paid if p.prefill else p.received[layer] + paid
             return None
         return hook
@@ -425,7 +424,7 @@ class Runtime:
             layout.visual = torch.cat([layout.visual, layout.visual.new_zeros(rows, 1)], 1)
             layout.positions = torch.cat([layout.positions, new_position], 1)
             layout.rope = None
-        if self.evicts:
+        if self.evicts and p.evicting:
             p.received = [torch.cat([r, r.new_zeros(rows, 1)], 1) for r in p.received]
         p.input_layout = p.kv[0]
         kwargs["attention_mask"] = p.kv[0].valid
@@ -446,7 +445,8 @@ class Runtime:
         self._note_kv_bytes()
         if self.evicts and output.past_key_values is not None:  # a forward without a cache has nothing to evict
             allowed = self.method.decode_keep(p.step + 1, p.after_prefill_visual)
-            if allowed is not None:
+            p.evicting = allowed is not None
+            if p.evicting:
                 for layer in range(self.shape.llm_layers):
                     self._evict(layer, allowed[layer], output.past_key_values)
         p.stats["kv_entries_end"] = [layout.valid.sum(1).tolist() for layout in p.kv]
@@ -475,8 +475,8 @@ class Runtime:
         reduction = self._timed(self.method.reduce_decode, step)
         kept_pos = cand.gather(1, reduction.kept)
         keep = scatter_rows(layout.valid & ~layout.visual, kept_pos, reduction.kept_valid, reduction.kept_valid)
-        index, valid = _pack_right(keep)
-        _gather_cache(cache, layer, index)
+        index = _compact_cache(cache, layer, keep)
+        valid = keep.gather(1, index)
         p.kv[layer] = Layout(valid=valid, visual=layout.visual.gather(1, index) & valid,
                              positions=layout.positions.gather(1, index))
         p.received[layer] = p.received[layer].gather(1, index)
@@ -572,6 +572,44 @@ def _gather_cache(cache, layer: int, index: Tensor) -> None:
     heads, dim = entries.keys.shape[1], entries.keys.shape[3]
     at = index[:, None, :, None].expand(-1, heads, -1, dim)
     entries.keys, entries.values = entries.keys.gather(2, at), entries.values.gather(2, at)
+
+
+def _compact_cache(cache, layer: int, keep: Tensor) -> Tensor:
+    """Drop the entries not in `keep` [B, S] from one layer's K/V cache in place, moving few entries: the cache loses
+    its first `cut` columns (width: the fullest row's count) as a view, and the kept entries among them move into
+    dropped slots further right. Attention does not depend on the entries' order (keys carry their RoPE, the mask
+    follows the layout), so everything else stays where it is; with cut = 0 nothing moves and the dropped entries
+    are padding until a later eviction narrows the cache. Returns [B, W]: the old column each new column holds."""
+    rows, width = keep.shape
+    cut = width - int(keep.sum(1).max())
+    movers, movers_valid = pack(keep[:, :cut])  # [B, M] kept entries in the columns that go
+    # every row has at least as many free slots as movers; `pack` pads both with distinct other columns, so the
+    # padded pairs copy a column onto itself and no slot is written twice
+    slots = pack(~keep[:, cut:])[0][:, :movers.shape[1]]  # [B, M] new columns
+    sources = torch.where(movers_valid, movers, slots + cut)
+    entries, row = cache.layers[layer], torch.arange(rows, device=keep.device)[:, None]
+    for name in ("keys", "values"):
+        full = getattr(entries, name)  # [B, Hkv, S, d]
+        kept = full[:, :, cut:]
+        # indexing in place: `scatter_` would copy the strided view whole; the read copies before the write
+        kept.transpose(1, 2)[row, slots] = full.transpose(1, 2)[row, sources]  # [B, M, Hkv, d]
+        setattr(entries, name, kept)
+    index = torch.arange(cut, width, device=keep.device).expand(rows, -1)  # [B, W]
+    return index.scatter(1, slots, sources)
+
+
+def _newest_query_attention(q: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
+    """Head-averaged attention of each row's newest query q [B, H, 1, d] (rotated) over its cached keys
+    [B, Hkv, S, d] where `valid` [B, S]: [B, S] fp32. One batched product over the key heads (the query heads that
+    share one stacked as rows) read straight from the cache: a bf16 cache's products are bf16 (fp32 accumulation,
+    rounded once), since an fp32 copy of the whole cache at every layer and step costs ~3x the product; other
+    dtypes compute in fp32. The softmax is fp32."""
+    rows, heads, _, dim = q.shape
+    dtype = torch.bfloat16 if keys.dtype == torch.bfloat16 else torch.float32
+    grouped = q.reshape(rows, keys.shape[1], -1, dim).to(dtype)  # [B, Hkv, group, d]
+    logits = (grouped @ keys.to(dtype).transpose(2, 3)).float().mul_(dim ** -0.5)  # [B, Hkv, group, S]
+    logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, -1).nan_to_num_(0.0).sum((1, 2)).div_(heads)
 
 
 def _pack_right(keep: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,17 +1,21 @@
 """What is specific to ST^3 and TokenCarve (the six rules of every method run for them in test_reducers_models.py).
 
-ST^3: the decode-time KV eviction (VTA) follows its annealing curve exactly, frees cache entries for real, and
-generation with eviction equals a no-cache forward in which each generated token sees only the visual entries
-that survived at its step (an explicit 4-D mask per layer). TokenCarve: its information score equals the SVD
+ST^3: the decode-time KV eviction (VTA) follows its annealing curve exactly, frees cache entries for real (each
+layer's cache compacted in place, moving only the kept entries of the columns it loses), and generation with
+eviction equals a no-cache forward in which each generated token sees only the visual entries that survived at its
+step (an explicit 4-D mask per layer). TokenCarve: its information score equals the SVD
 definition, and the caches of the layers before its pruning layer are cut to the kept tokens.
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import reducers
 from conftest import get_tiny, small_model_and_batch
+from reducers.runtime import _compact_cache
 from reducers.shape import ModelShape
 from reducers.spectral import information_score
 from reducers.tiny import TinySpec
@@ -143,6 +147,27 @@ def test_st3_generation_with_eviction_equals_a_masked_no_cache_forward(st3_run):
     assert len(visible[-1][0][0]) < len(visible[0][0][0])  # and eviction removed some between them
     for step, step_logits in enumerate(out.logits):
         torch.testing.assert_close(reference[:, step - NEW_TOKENS - 1], step_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("all_kept_row", [False, True])  # True: one row loses nothing, so the cache cannot narrow
+def test_eviction_compacts_the_cache_in_place_keeping_exactly_the_kept_entries(all_kept_row):
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 3, 2, 16, 4, generator=g)  # [B, Hkv, S, d] each
+    keep = torch.rand(3, 16, generator=g) < 0.6
+    keep[0, :4] = True  # entries in the columns that go must move into freed slots
+    if all_kept_row:
+        keep[2] = True
+    layer = SimpleNamespace(keys=keys.clone(), values=values.clone())
+    storage = layer.keys.untyped_storage().data_ptr()
+    index = _compact_cache(SimpleNamespace(layers=[layer]), 0, keep)  # [B, W]
+    width = int(keep.sum(1).max())
+    assert index.shape == (3, width) and layer.keys.shape[2] == width
+    assert layer.keys.untyped_storage().data_ptr() == storage  # a view of the same memory: nothing was copied whole
+    for b in range(3):
+        assert sorted(index[b][keep[b, index[b]]].tolist()) == keep[b].nonzero()[:, 0].tolist()  # each kept entry once
+        assert torch.equal(layer.keys[b], keys[b][:, index[b]]) and torch.equal(layer.values[b], values[b][:, index[b]])
+    if all_kept_row:
+        assert index.tolist() == [list(range(16))] * 3  # nothing moved
 
 
 def test_st3_without_vta_or_at_full_budget_evicts_nothing():
