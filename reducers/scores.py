@@ -58,13 +58,16 @@ def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tens
     total = torch.zeros(n, r, s, device=q.device)
     for top, end, keys, heads, batch in plans:
         rows = slice(top * group, end * group)
+        # dense operands (copied for the blocks of a causal mask): a batched bf16 product copies strided ones per call
+        q_block, k_block = q[:, :, rows].contiguous(), k[:, :, :keys].contiguous()
         for first in range(0, h_kv, heads):
             kv = slice(first, first + heads)
             for start in range(0, n, batch):
                 nb = slice(start, start + batch)
-                qc, kc = q[kv, nb, rows], k[kv, nb, :keys]
+                qc, kc = q_block[kv, nb], k_block[kv, nb]  # still dense: one key head, or every batch row
                 shape = (*qc.shape[:3], keys)  # [heads, batch, rows * group, keys]
-                part = _products(logits[:math.prod(shape)].view(shape), qc, kc, d ** -0.5)
+                part = logits[:math.prod(shape)].view(shape)
+                part.flatten(0, 1).baddbmm_(qc.flatten(0, 1), kc.flatten(0, 1).transpose(1, 2), beta=0, alpha=d ** -0.5)
                 if blocked is not None:
                     part.masked_fill_(blocked[nb, rows, :keys], float("-inf"))
                 if scratch is not None:
@@ -88,18 +91,6 @@ def _row_blocks(allowed: Tensor | None, r: int, s: int) -> list[tuple[int, int, 
     if min(width) == max(width):
         return [(0, r, s)]
     return [(top, min(top + _ROW_BLOCK, r), max(width[top:top + _ROW_BLOCK])) for top in range(0, r, _ROW_BLOCK)]
-
-
-def _products(out: Tensor, q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """out [A, B, R, S] <- scale * q [A, B, R, d] @ k [A, B, S, d]^T: one batched product when q and k are whole
-    tensors, else one per (A, B) pair (a batched bf16 product would copy strided operands first)."""
-    if q.is_contiguous() and k.is_contiguous():
-        out.flatten(0, 1).baddbmm_(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), beta=0, alpha=scale)
-    else:
-        for out_a, q_a, k_a in zip(out, q, k):
-            for out_ab, q_ab, k_ab in zip(out_a, q_a, k_a):
-                out_ab.addmm_(q_ab, k_ab.T, beta=0, alpha=scale)
-    return out
 
 
 def _contiguous(x: Tensor, dtype: torch.dtype) -> Tensor:
