@@ -2,7 +2,7 @@
 
 filter: choose which candidates to keep (`split`, `local_penalty`); correlate: link each discarded
 candidate to kept ones (`quantile_targets`, `nearest_targets`); compress: fold the discarded into their
-targets (`merge_self_preserving`, `average_groups`). Everything works on padded per-row candidate
+targets (`merge_self_preserving_`, `average_groups`). Everything works on padded per-row candidate
 tensors [N, V] with a validity mask, so rows (prompts or image crops) never influence each other.
 """
 from __future__ import annotations
@@ -111,15 +111,18 @@ def quantile_targets(corr: Tensor, split_: Split, eps: float) -> Tensor:
     return weight / weight.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def merge_self_preserving(kept_hidden: Tensor, dropped_hidden: Tensor, alpha: Tensor) -> Tensor:
-    """compress: x_j <- (x_j + sum_i alpha_ij x_i) / (1 + sum_i alpha_ij); kept [N,K,D], dropped [N,R,D].
+def merge_self_preserving_(kept_hidden: Tensor, dropped_hidden: Tensor, alpha: Tensor) -> Tensor:
+    """compress, in place on kept [N, K, D]: x_j <- (x_j + sum_i alpha_ij x_i) / (1 + sum_i alpha_ij); dropped [N, R, D].
 
-    Only the targets (kept j with some alpha_ij > 0) are computed: every other x_j would come back unchanged."""
+    Only the targets (kept j with some alpha_ij > 0) change, so only they are computed and written."""
+    n, k = kept_hidden.shape[:2]
     mass = alpha.sum(1)  # [N, K]
     targets, valid = pack(mass > 0)  # [N, T]
     incoming = gather_rows(alpha.transpose(1, 2), targets) @ dropped_hidden.float()  # [N, T, D]
     merged = (gather_rows(kept_hidden, targets).float() + incoming) / (1 + mass.gather(1, targets))[..., None]
-    return scatter_rows(kept_hidden, targets, merged.to(kept_hidden.dtype), valid)
+    rows = (targets + k * torch.arange(n, device=targets.device)[:, None])[valid]
+    kept_hidden.view(n * k, *kept_hidden.shape[2:]).index_copy_(0, rows, merged[valid].to(kept_hidden.dtype))
+    return kept_hidden
 
 
 def nearest_targets(features: Tensor, targets: Tensor, targets_valid: Tensor, members_valid: Tensor) -> Tensor:

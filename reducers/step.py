@@ -38,6 +38,11 @@ class Step:
         from .stages import gather_rows  # stages builds on this module
         return gather_rows(self.hidden, self.cand)
 
+    def hidden_of(self, index: Tensor) -> Tensor:
+        """[N, K, D] the hidden states of the candidates at candidate indices `index` [N, K] (a fresh copy)."""
+        from .stages import gather_rows
+        return gather_rows(self.hidden, self.cand.gather(1, index))
+
 
 @dataclass
 class Reduction:

@@ -114,7 +114,7 @@ def test_merge_is_the_self_preserving_average():
     kept = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
     dropped = torch.tensor([[[3.0, 3.0]]])
     alpha = torch.tensor([[[1.0, 0.0]]])
-    merged = stages.merge_self_preserving(kept, dropped, alpha)
+    merged = stages.merge_self_preserving_(kept, dropped, alpha)
     assert merged.tolist() == [[[2.0, 2.0], [0.0, 0.0]]]  # (x_j + 1 * x_i) / (1 + 1); untouched target unchanged
 
 

@@ -9,7 +9,7 @@ Attention is read at layer K-1 (causal). A[i, j] is how much query i attends to 
 The text rows are the prompt tokens after the image. Default K = the 4th layer (index 3 of 32).
 """
 from ..scores import candidate_block, candidate_mean, candidate_rows, masked_mean, text_rows
-from ..stages import gather_rows, merge_self_preserving, quantile_targets, split
+from ..stages import gather_rows, merge_self_preserving_, quantile_targets, split
 from ..step import Reduction, Step
 from . import Method, register
 
@@ -36,5 +36,4 @@ class FiCoCoL(Method):
         via_text = via_text / text_valid.sum(1).clamp(min=1)[:, None, None]
         corr = self.gamma * candidate_block(visual, step, parts.dropped, parts.kept) + (1 - self.gamma) * via_text
         alpha = quantile_targets(corr, parts, self.eps)
-        hidden = step.hidden_cand
-        return parts.reduction(merge_self_preserving(gather_rows(hidden, parts.kept), gather_rows(hidden, parts.dropped), alpha))
+        return parts.reduction(merge_self_preserving_(step.hidden_of(parts.kept), step.hidden_of(parts.dropped), alpha))

@@ -7,7 +7,7 @@ From the middle of the tower to the feature layer, each layer removes a share of
 Kept patches stay in spatial order and CLS stays first (the runtime keeps it out of the candidates).
 """
 from ..scores import candidate_block, candidate_mean, candidate_rows, cls_row
-from ..stages import gather_rows, local_penalty, merge_self_preserving, quantile_targets, split
+from ..stages import local_penalty, merge_self_preserving_, quantile_targets, split
 from ..step import Reduction, Step
 from . import Method, register
 
@@ -29,5 +29,4 @@ class FiCoCoV(Method):
         parts = split(step, -local_penalty(redundancy, step, self.penalty))
         corr = candidate_block(attn, step, parts.dropped, parts.kept)  # [N, R, K]
         alpha = quantile_targets(corr, parts, self.eps)
-        hidden = step.hidden_cand
-        return parts.reduction(merge_self_preserving(gather_rows(hidden, parts.kept), gather_rows(hidden, parts.dropped), alpha))
+        return parts.reduction(merge_self_preserving_(step.hidden_of(parts.kept), step.hidden_of(parts.dropped), alpha))
