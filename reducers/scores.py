@@ -21,9 +21,9 @@ _ROW_BLOCK = 128  # query rows per block under a causal mask
 def attention_rows(step: Step, rows: Tensor) -> Tensor:
     """A for query rows `rows` [N, R] (sequence positions) against all keys: [N, R, S], head-averaged."""
     n, h, s, d = step.q.shape
-    heads = step.q.transpose(0, 1).reshape(h, n * s, d)  # [H, N * S, d]: a view of the captured [N, S, H, d] layout
-    q = heads.index_select(1, (rows + s * torch.arange(n, device=rows.device)[:, None]).view(-1))
-    q = q.view(h, n, -1, d).transpose(0, 1)  # [N, H, R, d], head-major in memory as query_attention wants it
+    flat = step.q.transpose(1, 2).reshape(n * s, h, d)  # the captured [N, S, H, d] layout: whole rows copy fast
+    q = flat.index_select(0, (rows + s * torch.arange(n, device=rows.device)[:, None]).view(-1))
+    q = q.view(n, -1, h, d).transpose(1, 2)  # [N, H, R, d]
     if not step.causal and bool(step.key_valid.all()):
         return query_attention(q, step.k)  # nothing to mask (a tower without ragged crops)
     allowed = step.key_valid[:, None, :].expand(-1, rows.shape[1], -1)  # [N, R, S]
@@ -93,9 +93,7 @@ def _row_blocks(allowed: Tensor | None, r: int, s: int) -> list[tuple[int, int, 
 
 
 def _contiguous(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x as a contiguous tensor in `dtype`: itself if it is one, else a copy in one pass."""
-    if x.dtype == dtype and x.is_contiguous():
-        return x
+    """A contiguous copy in `dtype`, in one pass (`.to` hands back a same-dtype tensor as it is, strides and all)."""
     return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
