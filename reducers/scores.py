@@ -74,10 +74,10 @@ def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tens
                 acc = total[nb, top:end, :keys]
                 for key_head in torch.softmax(part, -1, out=part):  # in place: each row is read before it is written
                     for head in key_head.view(shape[1], -1, group, keys).unbind(2):
-                        acc += head
+                        acc.add_(head, alpha=1 / h)  # the head mean, without a pass of its own
     if blocked is not None:
         total.nan_to_num_(0.0)  # a row with every key blocked is all NaN
-    return total.div_(h)
+    return total
 
 
 def _row_blocks(allowed: Tensor | None, r: int, s: int) -> list[tuple[int, int, int]]:
