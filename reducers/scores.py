@@ -54,11 +54,14 @@ def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tens
     buffer = max(heads * batch * group * (end - top) * keys for top, end, keys, heads, batch in plans)
     logits = torch.empty(buffer, dtype=dtype, device=q.device)
     scratch = None if dtype == torch.float32 else torch.empty(buffer, device=q.device)  # bf16 logits in fp32
+    # causal blocks take dense copies of their rows and key prefix (a batched bf16 product would copy strided
+    # operands on every call), into two buffers that every block reuses
+    whole = len(plans) == 1 and plans[0][2] == s  # one block of every row and key: nothing to copy
+    q_buffer, k_buffer = (None, None) if whole else (torch.empty_like(q), torch.empty_like(k))
     total = torch.zeros(n, r, s, device=q.device)
     for top, end, keys, heads, batch in plans:
         rows = slice(top * group, end * group)
-        # dense operands (copied for the blocks of a causal mask): a batched bf16 product copies strided ones per call
-        q_block, k_block = q[:, :, rows].contiguous(), k[:, :, :keys].contiguous()
+        q_block, k_block = _dense(q[:, :, rows], q_buffer), _dense(k[:, :, :keys], k_buffer)
         for first in range(0, h_kv, heads):
             kv = slice(first, first + heads)
             for start in range(0, n, batch):
@@ -90,6 +93,13 @@ def _row_blocks(allowed: Tensor | None, r: int, s: int) -> list[tuple[int, int, 
     if min(width) == max(width):
         return [(0, r, s)]
     return [(top, min(top + _ROW_BLOCK, r), max(width[top:top + _ROW_BLOCK])) for top in range(0, r, _ROW_BLOCK)]
+
+
+def _dense(x: Tensor, buffer: Tensor | None) -> Tensor:
+    """x as a contiguous tensor: itself if it is one, else a copy into the front of `buffer`."""
+    if x.is_contiguous():
+        return x
+    return buffer.view(-1)[:x.numel()].view(x.shape).copy_(x)
 
 
 def _contiguous(x: Tensor, dtype: torch.dtype) -> Tensor:
