@@ -41,6 +41,8 @@ def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tens
     """
     n, h, r, d = q.shape
     h_kv, s = k.shape[1], k.shape[2]
+    if r * s == 0:
+        return torch.zeros(n, r, s, device=q.device)
     group = h // h_kv  # grouped-query attention: a key head's `group` query heads sit side by side in each row
     dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     # head-major copies, so that a run of key heads (or of batch rows within one) is one dense batch of products
