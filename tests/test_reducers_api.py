@@ -102,6 +102,30 @@ def test_attention_rows_equal_eager_softmax_with_gqa_padding_and_causality():
     assert got[1, :, :2].abs().max() == 0  # padding receives no attention
 
 
+def test_query_attention_in_row_blocks_and_bf16_equals_eager_softmax():
+    """More causal rows than one block (each block stops at its last allowed key), GQA, left padding, a row with no
+    allowed key; no mask at all; and bf16 q / k (bf16 logits, fp32 softmax) within the logits' rounding."""
+    g = torch.Generator().manual_seed(0)
+    n, h, h_kv, s, d = 2, 4, 2, 300, 16
+    q, k = torch.randn(n, h, s, d, generator=g), torch.randn(n, h_kv, s, d, generator=g)
+    valid = torch.ones(n, s, dtype=torch.bool)
+    valid[1, :40] = False  # left padding
+    allowed = valid[:, None, :] & (torch.arange(s)[None, :] <= torch.arange(s)[:, None])  # [N, S, S]
+    allowed[1, 39] = False  # a padding row: it gets zeros
+
+    def eager(q, k, allowed):
+        logits = q @ k.repeat_interleave(h // h_kv, 1).transpose(-1, -2) / d ** 0.5
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        return torch.softmax(logits, -1).nan_to_num(0.0).mean(1)
+
+    torch.testing.assert_close(scores.query_attention(q, k, allowed), eager(q, k, allowed))
+    torch.testing.assert_close(scores.query_attention(q, k), eager(q, k, None))
+    q16, k16 = q.bfloat16(), k.bfloat16()
+    torch.testing.assert_close(scores.query_attention(q16, k16, allowed), eager(q16.float(), k16.float(), allowed),
+                               atol=3e-3, rtol=0)
+
+
 def test_split_keeps_the_highest_scores_in_ascending_order_deterministically():
     step = make_step()
     score = torch.tensor([[0.9, 0.9, 0.9], [0.5, 0.2, 0.7]])
