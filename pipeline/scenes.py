@@ -93,6 +93,9 @@ class Question:
     task: str
     text: str
     answer: str
+    # Indices into `scene.objects` of the objects the answer is read from (captions: in caption order);
+    # empty when nothing matches (an absent pair, a zero count). Training supervises attention with it.
+    evidence: tuple[int, ...] = ()
 
 
 def generate_scene(seed: int, size: int = 168, attempt: int = 0) -> Scene:
@@ -181,26 +184,29 @@ def ask(scene: Scene, task: str, rng: np.random.Generator) -> Question | None:
         if not unique:
             return None
         obj = unique[int(rng.integers(len(unique)))]
-        return Question(task, f"what colour is the {obj.shape} ?", obj.colour)
+        return Question(task, f"what colour is the {obj.shape} ?", obj.colour, (objects.index(obj),))
     if task == "shape_of_colour":
         unique = [o for o in objects if colours.count(o.colour) == 1]
         if not unique:
             return None
         obj = unique[int(rng.integers(len(unique)))]
-        return Question(task, f"what shape is the {obj.colour} object ?", obj.shape)
+        return Question(task, f"what shape is the {obj.colour} object ?", obj.shape, (objects.index(obj),))
     if task == "count_total":
-        return Question(task, "how many objects are there ?", NUMBERS[len(objects)])
+        return Question(task, "how many objects are there ?", NUMBERS[len(objects)], tuple(range(len(objects))))
     if task == "count_colour":
         colour = _present_or_absent(list(COLOURS), colours, rng)
-        return Question(task, f"how many {colour} objects are there ?", NUMBERS[colours.count(colour)])
+        return Question(task, f"how many {colour} objects are there ?", NUMBERS[colours.count(colour)],
+                        _indices(colours, colour))
     if task == "count_shape":
         shape = _present_or_absent(list(SHAPES), shapes, rng)
-        return Question(task, f"how many {PLURAL[shape]} are there ?", NUMBERS[shapes.count(shape)])
+        return Question(task, f"how many {PLURAL[shape]} are there ?", NUMBERS[shapes.count(shape)],
+                        _indices(shapes, shape))
     if task == "presence":
         present = {(o.colour, o.shape) for o in objects}
         if rng.random() < 0.5:
             colour, shape = sorted(present)[int(rng.integers(len(present)))]
-            return Question(task, f"is there a {colour} {shape} ?", "yes")
+            return Question(task, f"is there a {colour} {shape} ?", "yes",
+                            _indices(list(zip(colours, shapes)), (colour, shape)))
         colour, shape = _near_miss(present, rng)
         return Question(task, f"is there a {colour} {shape} ?", "no")
     if task == "position":
@@ -208,10 +214,15 @@ def ask(scene: Scene, task: str, rng: np.random.Generator) -> Question | None:
         if not placed:
             return None
         obj = placed[int(rng.integers(len(placed)))]
-        return Question(task, f"where is the {obj.name} ?", obj.quadrant(scene.size))  # type: ignore[arg-type]
+        return Question(task, f"where is the {obj.name} ?", obj.quadrant(scene.size),  # type: ignore[arg-type]
+                        (objects.index(obj),))
     if task == CAPTION_TASK:
-        return Question(task, CAPTION_QUESTION, caption(scene))
+        return Question(task, CAPTION_QUESTION, caption(scene), tuple(objects.index(o) for o in left_to_right(scene)))
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS + (CAPTION_TASK,)}")
+
+
+def _indices(values: list, value) -> tuple[int, ...]:
+    return tuple(i for i, v in enumerate(values) if v == value)
 
 
 def _present_or_absent(names: list[str], present: list[str], rng: np.random.Generator) -> str:
@@ -229,10 +240,13 @@ def _near_miss(present: set[tuple[str, str]], rng: np.random.Generator) -> tuple
     return pool[int(rng.integers(len(pool)))]
 
 
+def left_to_right(scene: Scene) -> list[SceneObject]:
+    return sorted(scene.objects, key=lambda o: o.cx)
+
+
 def caption(scene: Scene) -> str:
     """Objects from left to right: "a red circle, a blue square"."""
-    ordered = sorted(scene.objects, key=lambda o: o.cx)
-    return " , ".join(f"a {o.name}" for o in ordered)
+    return " , ".join(f"a {o.name}" for o in left_to_right(scene))
 
 
 def benchmark_item(seed: int, task: str, size: int = 168) -> tuple[Scene, Question]:

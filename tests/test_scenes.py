@@ -196,3 +196,24 @@ def test_every_generated_word_is_in_the_vocabulary():
         for task in TASKS + (CAPTION_TASK,):
             _, q = benchmark_item(seed, task)
             assert set(normalise(q.text + " " + q.answer).split()) <= words, (task, q)
+
+
+def test_evidence_is_the_objects_the_answer_is_read_from():
+    for seed in SEEDS:
+        for task in TASKS + (CAPTION_TASK,):
+            scene, q = benchmark_item(seed, task)
+            evidence = [scene.objects[i] for i in q.evidence]
+            if task in ("colour_of_shape", "shape_of_colour", "position"):
+                (obj,) = evidence
+                named, answer = {"colour_of_shape": (obj.shape, obj.colour), "shape_of_colour": (obj.colour, obj.shape),
+                                 "position": (obj.name, obj.quadrant(scene.size))}[task]
+                assert f" {named} " in q.text and q.answer == answer
+            elif task.startswith("count"):
+                assert q.answer == NUMBERS[len(evidence)]
+                assert all(o.colour in q.text.split() or PLURAL[o.shape] in q.text.split() for o in evidence) \
+                    or task == "count_total"
+            elif task == "presence":
+                assert (q.answer == "yes") == bool(evidence)
+                assert all(o.name in q.text for o in evidence)
+            else:
+                assert q.answer == " , ".join(f"a {o.name}" for o in evidence)
