@@ -23,9 +23,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     defaults = Recipe()
-    for name in ("seed", "batch_size", "vision_steps", "joint_steps", "validate_every", "threads", "train_seed_start"):
+    for name in ("seed", "batch_size", "vision_steps", "joint_steps", "validate_every", "threads", "train_seed_start",
+                 "keyword_layer", "lookup_layer"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("vision_lr", "joint_lr", "aux_weight", "joint_vision_lr_scale", "align_weight", "drop_probability"):
+    for name in ("vision_lr", "joint_lr", "aux_weight", "joint_vision_lr_scale", "align_weight", "drop_probability",
+                 "attention_weight"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--token-averaged-loss", dest="turn_weighted_loss", action="store_false",
                         help="average the answer loss over tokens rather than over turns")

@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
+from transformers.models.llama.modeling_llama import rotate_half
 
 from pipeline.reference import Architecture, build_model, build_processor
-from pipeline.scenes import (CAPTION_TASK, COLOURS, SHAPES, TASKS, Question, Scene, ask, generate_scene,
+from pipeline.scenes import (CAPTION_TASK, COLOURS, PLURAL, SHAPES, TASKS, Question, Scene, ask, generate_scene,
                              patch_coverage, render_scene)
 
 VALIDATION_SEED_START = 20_000_000
@@ -57,6 +58,9 @@ class Recipe:
     aux_weight: float = 1.0
     joint_vision_lr_scale: float = 0.3
     align_weight: float = 1.0
+    attention_weight: float = 1.0   # of the two attention-supervision losses (see attention_supervision_loss)
+    keyword_layer: int = 2          # LM layer whose head 0 learns to look at the question's colour / shape words
+    lookup_layer: int = 5           # LM layer whose head 0 learns to look at the patches the answer is read from
     turn_weighted_loss: bool = True  # every answer weighs the same in the loss (see answer_loss)
     drop_probability: float = 0.5   # share of joint batches with background patches dropped (see make_batch)
     init_from: str | None = None    # a folder saved by an earlier run (probes chain stages this way)
@@ -162,18 +166,22 @@ def scene_questions(scene: Scene) -> list[Question]:
 
 
 def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question]], patches: int,
-               original_positions: bool = False) -> dict[str, Tensor]:
+               original_positions: bool = False, object_patches: list[list[list[int]]] | None = None
+               ) -> dict[str, Tensor]:
     """Rows of [<s> USER : <image> per kept patch] + turns "q ASSISTANT : a </s>", each turn seeing the prefix
     and itself only.
 
     Positions run on through the prefix, and each turn's restart where the prefix ends, as in a single-turn
     prompt; with `original_positions` a kept patch keeps the position it has in the full grid and turns start
     after the full grid (what LLM-side pruning shows the LM), else positions are compact (vision-side pruning).
-    Returns input_ids, labels (answer tokens and </s> only), position_ids and a 4-D boolean mask.
+    Returns input_ids, labels (answer tokens and </s> only), position_ids and a 4-D boolean mask; given each
+    image's `object_patches` (per object, the patches it covers), also the attention targets of
+    `attention_targets`.
     """
     head = tok("USER: ")["input_ids"]
     rows, labels, segments, positions = [], [], [], []
-    for kept, questions in zip(kept_patches, per_image):
+    keyword_targets, lookup_targets = [], []
+    for row, (kept, questions) in enumerate(zip(kept_patches, per_image)):
         ids = head + [tok.image_token_id] * len(kept)
         pos = list(range(len(head))) + ([len(head) + k for k in kept] if original_positions
                                         else list(range(len(head), len(ids))))
@@ -182,6 +190,12 @@ def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question
         for turn, q in enumerate(questions, start=1):
             asked = tok(f"{q.text} ASSISTANT:", add_special_tokens=False)["input_ids"]
             answer = tok(f" {q.answer}</s>", add_special_tokens=False)["input_ids"]
+            if object_patches is not None:
+                image_position = {patch: len(head) + i for i, patch in enumerate(kept)}
+                evidence = [[image_position[p] for p in object_patches[row][o]] for o in q.evidence]
+                keywords, lookups = attention_targets(tok, q, asked, len(ids), evidence)
+                keyword_targets += [(row, query, keys) for query, keys in keywords]
+                lookup_targets += [(row, query, keys) for query, keys in lookups]
             ids += asked + answer
             lab += [-100] * len(asked) + answer
             seg += [turn] * (len(asked) + len(answer))
@@ -195,8 +209,31 @@ def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question
     same_turn = segment[:, :, None] == segment[:, None, :]
     mask = causal & (same_turn | in_prefix[:, None, :]) & (segment[:, None, :] >= 0)
     mask |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
-    return {"input_ids": input_ids, "labels": label_ids, "position_ids": pad(positions, 0),
-            "attention_mask": mask[:, None]}
+    packed = {"input_ids": input_ids, "labels": label_ids, "position_ids": pad(positions, 0),
+              "attention_mask": mask[:, None]}
+    if object_patches is not None:
+        packed.update(keyword_targets=keyword_targets, lookup_targets=lookup_targets)
+    return packed
+
+
+def attention_targets(tok, question: Question, asked: list[int], start: int, evidence: list[list[int]]
+                      ) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]]]:
+    """(query, keys) pairs of one turn starting at sequence position `start`, for the two supervised heads.
+
+    keyword: the position that predicts the answer's first token looks at the question's colour / shape words.
+    lookup: that position looks at the patches of the objects the answer is read from (`evidence`, sequence
+    positions per object), or at <s> (position 0) when nothing matches; in a caption, the positions that
+    predict each object's colour and shape words ("a" and the colour word, 4 tokens per "a red circle ,")
+    look at that object.
+    """
+    answer_query = start + len(asked) - 1  # the ":" of "ASSISTANT :"
+    named = set(tok.convert_tokens_to_ids(list(COLOURS) + list(SHAPES) + list(PLURAL.values())))
+    keywords = [start + i for i, token in enumerate(asked) if token in named]
+    keyword_targets = [(answer_query, keywords)] if keywords else []
+    if question.task == CAPTION_TASK:
+        first_words = [answer_query + 1 + 4 * j for j in range(len(evidence))]
+        return keyword_targets, [(q, keys) for a, keys in zip(first_words, evidence) for q in (a, a + 1)]
+    return keyword_targets, [(answer_query, [p for keys in evidence for p in keys] or [0])]
 
 
 def dropped_background(coverage: np.ndarray, rng: np.random.Generator) -> list[int]:
@@ -225,18 +262,57 @@ def make_batch(seeds: range, processor, arch: Architecture, with_text: bool, dro
     if with_text:
         patches = arch.grid ** 2
         rng = np.random.default_rng([seeds[0], 99])
+        coverage = [patch_coverage(m, arch.patch_size, len(s.objects)).reshape(len(s.objects), -1)
+                    for s, m in zip(scenes, index_maps)]  # [objects, patches] per image
         kept = [list(range(patches))] * len(scenes)
         original_positions = False
         if rng.random() < drop_probability:
-            coverage = [patch_coverage(m, arch.patch_size, len(s.objects)).sum(0).reshape(-1)
-                        for s, m in zip(scenes, index_maps)]
-            kept = [dropped_background(c, rng) for c in coverage]
+            kept = [dropped_background(c.sum(0), rng) for c in coverage]
             original_positions = bool(rng.random() < 0.5)
             batch["kept_patches"] = kept
         questions = [scene_questions(s) for s in scenes]
-        batch.update(pack_turns(processor.tokenizer, kept, questions, patches, original_positions))
+        batch.update(pack_turns(processor.tokenizer, kept, questions, patches, original_positions,
+                                object_patches=[object_patches(c) for c in coverage]))
         batch["tasks"] = [[q.task for q in qs] for qs in questions]
     return batch
+
+
+def object_patches(coverage: np.ndarray) -> list[list[int]]:
+    """Per object (rows of `coverage` [objects, patches]), the patches it covers by at least the threshold, or
+    its best-covered patch when it covers none that much."""
+    return [np.nonzero(c >= PATCH_OBJECT_THRESHOLD)[0].tolist() or [int(c.argmax())] for c in coverage]
+
+
+def attention_supervision_loss(model, hidden_states: tuple[Tensor, ...], batch: dict, layer: int, head: int,
+                               targets: list[tuple[int, int, list[int]]]) -> Tensor:
+    """Mean over `targets` (row, query position, key positions) of -log of the attention mass that `head` of
+    LM layer `layer` puts on the key positions.
+
+    Answer-only training leaves the question-conditioned lookup (find the patch the question names, read its
+    colour) at chance for thousands of images: the query, the keys and the value path only pay off together.
+    Telling one head where to look gives the query and the keys their own gradient from the first step.
+    Recomputes that head's scores from the layer's input (`hidden_states[layer]`), for the target rows only.
+    """
+    if not targets:
+        return hidden_states[0].sum() * 0.0
+    block = model.model.language_model.layers[layer]
+    attention, x = block.self_attn, block.input_layernorm(hidden_states[layer])  # [B, S, D]
+    d = attention.head_dim
+    kv_head = head // attention.num_key_value_groups
+    rows = torch.tensor([t[0] for t in targets])
+    queries = torch.tensor([t[1] for t in targets])
+    cos, sin = model.model.language_model.rotary_emb(x, batch["position_ids"])  # [B, S, d]
+    k = attention.k_proj(x)[..., kv_head * d:(kv_head + 1) * d]  # [B, S, d]
+    k = k * cos + rotate_half(k) * sin
+    q = attention.q_proj(x[rows, queries])[:, head * d:(head + 1) * d]  # [N, d]
+    q = q * cos[rows, queries] + rotate_half(q) * sin[rows, queries]
+    scores = torch.einsum("nd,nsd->ns", q.float(), k[rows].float()) * attention.scaling  # [N, S]
+    allowed = batch["attention_mask"][rows, 0, queries]  # [N, S]
+    log_attention = scores.masked_fill(~allowed, -torch.inf).log_softmax(-1)
+    on_target = torch.zeros_like(allowed)
+    for n, (_, _, keys) in enumerate(targets):
+        on_target[n, keys] = True
+    return -log_attention.masked_fill(~on_target, -torch.inf).logsumexp(-1).mean()
 
 
 class PatchDropper:
@@ -393,19 +469,24 @@ class Trainer:
                 group["lr"] = recipe.joint_lr * group["scale"] * schedule(step, recipe.joint_steps, recipe.warmup_steps)
             with self.autocast:
                 output = self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                                    attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+                                    attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                                    output_hidden_states=True)
                 output.loss = answer_loss(output.logits, batch["labels"], recipe.turn_weighted_loss)
+                look_loss = sum(attention_supervision_loss(self.model, output.hidden_states, batch, layer, 0,
+                                                           batch[f"{name}_targets"])
+                                for name, layer in (("keyword", recipe.keyword_layer), ("lookup", recipe.lookup_layer)))
                 aux_loss, accuracy = self.heads.loss(self.tap.features, batch["targets"])
                 align_loss = word_alignment_loss(self.tap.projected, batch["targets"]["patch_pair"],
                                                  self.model.get_input_embeddings().weight, self.processor.tokenizer)
-            loss = output.loss + recipe.aux_weight * aux_loss + recipe.align_weight * align_loss
+            loss = (output.loss + recipe.aux_weight * aux_loss + recipe.align_weight * align_loss
+                    + recipe.attention_weight * look_loss)
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
             if step % 10 == 0:
                 self.log(f"joint step {step} answer-loss {output.loss.item():.3f} aux {aux_loss.item():.3f} "
-                         f"align {align_loss.item():.3f} "
+                         f"align {align_loss.item():.3f} attention {look_loss.item():.3f} "
                          f"colour-acc {accuracy['colour']:.3f} shape-acc {accuracy['shape']:.3f} {self.progress()}")
             if (step + 1) % recipe.validate_every == 0 or step == recipe.joint_steps - 1:
                 self.dropper.kept = None

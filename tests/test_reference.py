@@ -8,10 +8,11 @@ import torch
 
 from pipeline.benchmark import Item, ObjectOracle, caption_items, object_coverage, question_items, retention, score
 from pipeline.reference import Architecture, build_model, build_processor, prompt
-from pipeline.reference_training import (PAIRS, PatchDropper, answer_accuracy, answer_loss, dropped_background,
-                                         make_batch, pack_turns, scene_questions, vision_targets,
+from pipeline.reference_training import (PAIRS, PatchDropper, answer_accuracy, answer_loss, attention_supervision_loss,
+                                         dropped_background, make_batch, pack_turns, scene_questions, vision_targets,
                                          word_alignment_loss)
-from pipeline.scenes import CAPTION_TASK, TASKS, generate_scene, render_scene, vocabulary
+from pipeline.scenes import (CAPTION_TASK, COLOURS, PLURAL, SHAPES, TASKS, generate_scene, render_scene,
+                             vocabulary)
 from reducers.step import Step
 
 SMALL = Architecture(vision_layers=2, llm_layers=2, vision_hidden=32, llm_hidden=32, llm_intermediate=64)
@@ -228,3 +229,48 @@ def test_answer_loss_weighs_turns_equally(small):
     spans += [sum(current) / len(current)] if current else []
     assert len(spans) == len(questions)
     assert answer_loss(logits, labels, turn_weighted=True) == pytest.approx(sum(spans) / len(spans), rel=1e-5)
+
+
+def test_attention_targets_point_at_the_evidence(small):
+    processor, _ = small
+    tok = processor.tokenizer
+    colour_or_shape = {tok.convert_tokens_to_ids(w): w for w in list(COLOURS) + list(SHAPES)}
+    checked = 0
+    for first in (0, 40, 80):  # full grids and drop batches (compact and original positions)
+        batch = make_batch(range(first, first + 4), processor, Architecture(), with_text=True, drop_probability=0.7)
+        pair = batch["targets"]["patch_pair"]
+        for row, query, keys in batch["lookup_targets"]:
+            kept = batch.get("kept_patches", [list(range(144))] * 4)[row]
+            answer = colour_or_shape.get(int(batch["labels"][row, query + 1]))
+            if keys == [0]:  # nothing matches: <s>
+                assert tok.convert_ids_to_tokens(int(batch["input_ids"][row, 0])) == "<s>"
+                continue
+            assert all(batch["input_ids"][row, k] == tok.image_token_id for k in keys)
+            pairs = {PAIRS[int(pair[row, kept[k - 3]]) - 1] for k in keys}  # 3 = "<s> USER :" before the image
+            assert (0, 0) not in pairs and len(pairs) >= 1
+            if answer is not None and len(pairs) == 1:  # a colour or shape is read from one object
+                checked += 1
+                assert answer in next(iter(pairs))
+        for row, query, keys in batch["keyword_targets"]:
+            assert batch["labels"][row, query + 1] != -100 and all(k < query for k in keys)
+            assert {tok.convert_ids_to_tokens(int(batch["input_ids"][row, k])) for k in keys} <= \
+                set(COLOURS) | set(SHAPES) | set(PLURAL.values())
+    assert checked > 20
+
+
+def test_attention_supervision_loss_is_the_log_mass_of_eager_attention():
+    processor = build_processor(SMALL)
+    model = build_model(processor.tokenizer, SMALL, seed=2).eval()
+    model.set_attn_implementation("eager")
+    batch = make_batch(range(3, 5), processor, SMALL, with_text=True)
+    additive = torch.zeros(batch["attention_mask"].shape).masked_fill(~batch["attention_mask"], -torch.inf)
+    with torch.no_grad():  # eager attention adds a 4-D mask to the scores, so it gets the additive form
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], position_ids=batch["position_ids"],
+                    attention_mask=additive, output_hidden_states=True, output_attentions=True)
+        for layer, head in ((0, 0), (1, 1)):
+            for name in ("keyword_targets", "lookup_targets"):
+                targets = batch[name]
+                weights = out.attentions[layer][:, head]  # [B, S, S]
+                expected = -torch.stack([weights[r, q, keys].sum().log() for r, q, keys in targets]).mean()
+                loss = attention_supervision_loss(model, out.hidden_states, batch, layer, head, targets)
+                assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
