@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     defaults = Recipe()
     for name in ("seed", "batch_size", "vision_steps", "joint_steps", "validate_every", "threads", "train_seed_start",
-                 "keyword_layer", "lookup_layer"):
+                 "lookup_layer", "gather_layer"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("vision_lr", "joint_lr", "aux_weight", "joint_vision_lr_scale", "align_weight", "drop_probability",
                  "attention_weight"):

@@ -41,6 +41,9 @@ class Architecture:
     llm_layers: int = 12
     llm_heads: int = 4
     llm_intermediate: int = 256
+    # Llama 3's base rather than LLaMA-2's 1e4: more rotary pairs turn slowly enough over the ~300-token
+    # sequence that a question can find a patch by content wherever it is.
+    rope_theta: float = 1e6
 
     @property
     def grid(self) -> int:
@@ -75,7 +78,7 @@ def build_model(tok: PreTrainedTokenizerFast, arch: Architecture = Architecture(
                               num_attention_heads=arch.vision_heads, hidden_act="quick_gelu")
     text = LlamaConfig(vocab_size=len(tok), hidden_size=arch.llm_hidden, intermediate_size=arch.llm_intermediate,
                        num_hidden_layers=arch.llm_layers, num_attention_heads=arch.llm_heads,
-                       num_key_value_heads=arch.llm_heads, max_position_embeddings=1024,
+                       num_key_value_heads=arch.llm_heads, max_position_embeddings=1024, rope_theta=arch.rope_theta,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-2, vision_feature_select_strategy="default",

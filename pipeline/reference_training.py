@@ -8,8 +8,10 @@ starts at `pipeline.benchmark.HELD_OUT_SEED_START`, the validation range below a
    object's information in the patches that cover it, which is what lets the benchmark judge pruning.
 2. joint: the whole model learns to answer (loss on answer tokens only, averaged per answer), the
    auxiliary losses kept on, plus `word_alignment_loss` (object patches project onto their words) and drop
-   batches (`make_batch`: background patches leave the LM input, so reduced inputs are in distribution).
-   Each image carries every task as a separate turn that sees the image prefix and itself only (a 4-D
+   batches (`make_batch`: background patches leave the LM input, so reduced inputs are in distribution),
+   plus `attention_supervision_loss` on one head of two LM layers: colour / shape words look at the
+   objects they name, and the answer position looks at those words (answer-only training left this
+   question-conditioned lookup at chance for 10k+ images). Each image carries every task as a separate turn that sees the image prefix and itself only (a 4-D
    block mask, positions restarting after the prefix): identical to single-turn prompts at evaluation,
    with the 144 image tokens paid once per ~11 answers.
 """
@@ -49,18 +51,18 @@ class Recipe:
     architecture: Architecture = field(default_factory=Architecture)
     seed: int = 0
     batch_size: int = 16
-    vision_steps: int = 1200
-    joint_steps: int = 1400
+    vision_steps: int = 1100
+    joint_steps: int = 1000
     vision_lr: float = 2e-3
-    joint_lr: float = 1e-3
+    joint_lr: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     aux_weight: float = 1.0
     joint_vision_lr_scale: float = 0.3
     align_weight: float = 1.0
     attention_weight: float = 1.0   # of the two attention-supervision losses (see attention_supervision_loss)
-    keyword_layer: int = 2          # LM layer whose head 0 learns to look at the question's colour / shape words
-    lookup_layer: int = 5           # LM layer whose head 0 learns to look at the patches the answer is read from
+    lookup_layer: int = 1           # LM layer whose head 0 learns: colour / shape words -> the objects they name
+    gather_layer: int = 3           # LM layer whose head 0 learns: answer position -> those words (see attention_targets)
     turn_weighted_loss: bool = True  # every answer weighs the same in the loss (see answer_loss)
     drop_probability: float = 0.5   # share of joint batches with background patches dropped (see make_batch)
     init_from: str | None = None    # a folder saved by an earlier run (probes chain stages this way)
@@ -166,21 +168,21 @@ def scene_questions(scene: Scene) -> list[Question]:
 
 
 def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question]], patches: int,
-               original_positions: bool = False, object_patches: list[list[list[int]]] | None = None
-               ) -> dict[str, Tensor]:
+               original_positions: bool = False, scenes: list[Scene] | None = None,
+               object_patches: list[list[list[int]]] | None = None) -> dict[str, Tensor]:
     """Rows of [<s> USER : <image> per kept patch] + turns "q ASSISTANT : a </s>", each turn seeing the prefix
     and itself only.
 
     Positions run on through the prefix, and each turn's restart where the prefix ends, as in a single-turn
     prompt; with `original_positions` a kept patch keeps the position it has in the full grid and turns start
     after the full grid (what LLM-side pruning shows the LM), else positions are compact (vision-side pruning).
-    Returns input_ids, labels (answer tokens and </s> only), position_ids and a 4-D boolean mask; given each
-    image's `object_patches` (per object, the patches it covers), also the attention targets of
-    `attention_targets`.
+    Returns input_ids, labels (answer tokens and </s> only), position_ids and a 4-D boolean mask; given the
+    `scenes` and each one's `object_patches` (per object, the patches it covers), also the attention targets
+    of `attention_targets` as (row, query, keys).
     """
     head = tok("USER: ")["input_ids"]
     rows, labels, segments, positions = [], [], [], []
-    keyword_targets, lookup_targets = [], []
+    lookup_targets, gather_targets = [], []
     for row, (kept, questions) in enumerate(zip(kept_patches, per_image)):
         ids = head + [tok.image_token_id] * len(kept)
         pos = list(range(len(head))) + ([len(head) + k for k in kept] if original_positions
@@ -192,10 +194,11 @@ def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question
             answer = tok(f" {q.answer}</s>", add_special_tokens=False)["input_ids"]
             if object_patches is not None:
                 image_position = {patch: len(head) + i for i, patch in enumerate(kept)}
-                evidence = [[image_position[p] for p in object_patches[row][o]] for o in q.evidence]
-                keywords, lookups = attention_targets(tok, q, asked, len(ids), evidence)
-                keyword_targets += [(row, query, keys) for query, keys in keywords]
+                objects = [(o.colour, o.shape, [image_position[p] for p in patches_of])
+                           for o, patches_of in zip(scenes[row].objects, object_patches[row])]
+                lookups, gathers = attention_targets(tok, q, asked, len(ids), objects)
                 lookup_targets += [(row, query, keys) for query, keys in lookups]
+                gather_targets += [(row, query, keys) for query, keys in gathers]
             ids += asked + answer
             lab += [-100] * len(asked) + answer
             seg += [turn] * (len(asked) + len(answer))
@@ -212,28 +215,41 @@ def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question
     packed = {"input_ids": input_ids, "labels": label_ids, "position_ids": pad(positions, 0),
               "attention_mask": mask[:, None]}
     if object_patches is not None:
-        packed.update(keyword_targets=keyword_targets, lookup_targets=lookup_targets)
+        packed.update(lookup_targets=lookup_targets, gather_targets=gather_targets)
     return packed
 
 
-def attention_targets(tok, question: Question, asked: list[int], start: int, evidence: list[list[int]]
+def attention_targets(tok, question: Question, asked: list[int], start: int, objects: list[tuple[str, str, list[int]]]
                       ) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]]]:
     """(query, keys) pairs of one turn starting at sequence position `start`, for the two supervised heads.
 
-    keyword: the position that predicts the answer's first token looks at the question's colour / shape words.
-    lookup: that position looks at the patches of the objects the answer is read from (`evidence`, sequence
-    positions per object), or at <s> (position 0) when nothing matches; in a caption, the positions that
-    predict each object's colour and shape words ("a" and the colour word, 4 tokens per "a red circle ,")
-    look at that object.
+    `objects` are the image's (colour, shape, sequence positions of its patches).
+    lookup (an early layer): each colour / shape word, of the question or of a caption, looks at the patches of
+    the objects it names, or at <s> (position 0) when none; the word's own embedding is the query, so this is
+    one hop. gather (a later layer): the position that predicts the answer looks at the question's colour /
+    shape words, which by then hold what they found; with no such word (total count, caption) it looks at the
+    objects directly: all of them, or in a caption the object whose colour comes next.
     """
     answer_query = start + len(asked) - 1  # the ":" of "ASSISTANT :"
-    named = set(tok.convert_tokens_to_ids(list(COLOURS) + list(SHAPES) + list(PLURAL.values())))
-    keywords = [start + i for i, token in enumerate(asked) if token in named]
-    keyword_targets = [(answer_query, keywords)] if keywords else []
-    if question.task == CAPTION_TASK:
-        first_words = [answer_query + 1 + 4 * j for j in range(len(evidence))]
-        return keyword_targets, [(q, keys) for a, keys in zip(first_words, evidence) for q in (a, a + 1)]
-    return keyword_targets, [(answer_query, [p for keys in evidence for p in keys] or [0])]
+    answer = tok(f" {question.answer}", add_special_tokens=False)["input_ids"]
+    lookups = [(start + i, named_objects(tok, token, objects)) for i, token in enumerate(asked)]
+    lookups += [(answer_query + 1 + i, named_objects(tok, token, objects)) for i, token in enumerate(answer)]
+    lookups = [(query, keys) for query, keys in lookups if keys is not None]
+    keywords = [query for query, _ in lookups if query < answer_query]
+    if keywords:
+        return lookups, [(answer_query, keywords)]
+    if question.task == CAPTION_TASK:  # each "a" (4 tokens per "a red circle ,") predicts the next object's colour
+        return lookups, [(answer_query + 1 + 4 * j, objects[o][2]) for j, o in enumerate(question.evidence)]
+    return lookups, [(answer_query, [p for o in question.evidence for p in objects[o][2]])]
+
+
+def named_objects(tok, token: int, objects: list[tuple[str, str, list[int]]]) -> list[int] | None:
+    """Patch positions of the objects a colour / shape word names ([0], i.e. <s>, when none); None for other words."""
+    word = tok.convert_ids_to_tokens(token)
+    shape = next((s for s, plural in PLURAL.items() if plural == word), word)
+    if word not in COLOURS and shape not in SHAPES:
+        return None
+    return [p for colour, object_shape, keys in objects if word == colour or shape == object_shape for p in keys] or [0]
 
 
 def dropped_background(coverage: np.ndarray, rng: np.random.Generator) -> list[int]:
@@ -271,8 +287,8 @@ def make_batch(seeds: range, processor, arch: Architecture, with_text: bool, dro
             original_positions = bool(rng.random() < 0.5)
             batch["kept_patches"] = kept
         questions = [scene_questions(s) for s in scenes]
-        batch.update(pack_turns(processor.tokenizer, kept, questions, patches, original_positions,
-                                object_patches=[object_patches(c) for c in coverage]))
+        batch.update(pack_turns(processor.tokenizer, kept, questions, patches, original_positions, scenes,
+                                [object_patches(c) for c in coverage]))
         batch["tasks"] = [[q.task for q in qs] for qs in questions]
     return batch
 
@@ -474,7 +490,7 @@ class Trainer:
                 output.loss = answer_loss(output.logits, batch["labels"], recipe.turn_weighted_loss)
                 look_loss = sum(attention_supervision_loss(self.model, output.hidden_states, batch, layer, 0,
                                                            batch[f"{name}_targets"])
-                                for name, layer in (("keyword", recipe.keyword_layer), ("lookup", recipe.lookup_layer)))
+                                for name, layer in (("lookup", recipe.lookup_layer), ("gather", recipe.gather_layer)))
                 aux_loss, accuracy = self.heads.loss(self.tap.features, batch["targets"])
                 align_loss = word_alignment_loss(self.tap.projected, batch["targets"]["patch_pair"],
                                                  self.model.get_input_embeddings().weight, self.processor.tokenizer)
