@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.benchmark import Item, ObjectOracle, caption_items, object_coverage, question_items, retention, score
-from pipeline.reference import Architecture, build_model, build_processor, prompt
+from pipeline import benchmark
+from pipeline.reference import Architecture, build_model, build_processor, load_reference, prompt
 from pipeline.reference_training import (PAIRS, PatchDropper, answer_accuracy, answer_loss, attention_supervision_loss,
                                          dropped_background, make_batch, pack_turns, scene_questions, vision_targets,
                                          word_alignment_loss)
@@ -277,3 +278,11 @@ def test_attention_supervision_loss_is_the_log_mass_of_eager_attention():
                 expected = -torch.stack([weights[r, q, keys].sum().log() for r, q, keys in targets]).mean()
                 loss = attention_supervision_loss(model, out.hidden_states, batch, layer, head, targets)
                 assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_the_shipped_model_loads_offline_and_answers_held_out_questions():
+    """The committed weights (pipeline/assets/reference_model), unreduced, on the first 70 held-out questions
+    (10 per task) and 10 captions: floors well under its full-benchmark scores (README), far over chance."""
+    model, processor = load_reference()
+    result = benchmark.run(model, processor, "none", questions=70, captions=10, batch_size=35)
+    assert result["vqa_accuracy"] >= 0.7 and result["caption_f1"] >= 0.6, result
