@@ -1,0 +1,77 @@
+"""Quality table of the reference model: every method x budget on the held-out scene benchmark.
+
+    python -m benchmarks.quality [--model DIR] [--methods a,b] [--questions N] [--captions N] [--json FILE]
+
+Scores the unreduced model once, then each method at 1/3, 2/9 and 1/9 of the full visual count (the
+ratios of 192 / 128 / 64 of 576) through `pipeline.benchmark.run` (the same code as `jobs/evaluate.py`),
+and prints a markdown table of VQA accuracy, caption F1 and their retention. `random` is the floor and
+`object-oracle` (keeps the patches the objects cover, from the ground truth) the ceiling of selection.
+Budgets a method cannot meet on this model (an LLM-side method pruning at layer K cannot average below
+K/L of the tokens) are printed as skipped with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import reducers
+from pipeline import benchmark
+from pipeline.reference import REFERENCE_MODEL_DIR, load_reference
+
+RATIOS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
+HEADER = ("| method | budget | visual tokens | VQA accuracy | retention | caption F1 | retention |\n"
+          "|---|---|---|---|---|---|---|")
+
+
+def row(result: dict, label: str, tokens: int | str) -> str:
+    return (f"| {result['reducer']} | {label} | {tokens} | {100 * result['vqa_accuracy']:.1f} % | "
+            f"{100 * result['retention_vqa']:.1f} % | {result['caption_f1']:.3f} | {100 * result['retention_caption']:.1f} % |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
+    parser.add_argument("--methods", default=",".join([m for m in reducers.available() if m != "none"] + ["object-oracle"]),
+                        help="comma-separated methods (default: every listed one but none, and object-oracle)")
+    parser.add_argument("--questions", type=int, default=benchmark.DEFAULT_QUESTIONS)
+    parser.add_argument("--captions", type=int, default=benchmark.DEFAULT_CAPTIONS)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, help="also write every result here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load_reference(args.model)
+    full = (benchmark.image_size_of(processor) // model.config.vision_config.patch_size) ** 2
+    common = dict(questions=args.questions, captions=args.captions, batch_size=args.batch_size)
+    started = time.time()
+    unreduced = benchmark.run(model, processor, "none", **common)
+    results = [benchmark.with_retention(unreduced, unreduced)]
+    lines = [HEADER, row(results[0], "full", full)]
+    print(lines[-1], flush=True)
+    for method in args.methods.split(","):
+        for label, ratio in RATIOS.items():
+            tokens = round(ratio * full)
+            try:
+                reducers.validate(model.config, method, tokens)
+            except ValueError as error:
+                print(f"skipped {method} at {label}: {error}", flush=True)
+                lines.append(f"| {method} | {label} | {tokens} | not reachable | | | |")
+                continue
+            result = benchmark.with_retention(benchmark.run(model, processor, method, visual_tokens=tokens, **common),
+                                              unreduced)
+            results.append(result)
+            lines.append(row(result, label, tokens))
+            print(lines[-1], f"({time.time() - started:.0f}s)", flush=True)
+    print(f"\n{args.questions} questions, {args.captions} captions, model {args.model}\n")
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
