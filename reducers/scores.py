@@ -1,4 +1,4 @@
-"""Attention-derived token scores, computed from captured q / k in cache-sized batches of heads (fp32 softmax).
+"""Attention-derived token scores, computed from captured q / k in cache-sized blocks of query rows (fp32 softmax).
 
 The model's own attention stays SDPA (no attention weights come out of it); a site asks only for the
 rows it needs (CLS, the last text token, the candidates, the text) and gets head-averaged softmax
@@ -15,7 +15,6 @@ from .stages import pack, unpack
 from .step import Step
 
 _CHUNK = 1 << 19  # logits per batched product: small enough to stay in cache, large enough for few Python steps
-_ROW_BLOCK = 128  # query rows per block under a causal mask
 
 
 def attention_rows(step: Step, rows: Tensor) -> Tensor:
@@ -37,64 +36,67 @@ def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tens
     allowed [N, R, S] (None: every key) -> [N, R, S] fp32. Rows with no allowed key (padding) get zeros.
 
     A bf16 model's logits are bf16 products (fp32 accumulation, rounded once: about the rounding its q / k already
-    carry), any other model's fp32; the softmax is fp32.
+    carry), any other model's fp32; the softmax is fp32. Dense keys of the compute dtype (a KV cache) are read in
+    place.
     """
     n, h, r, d = q.shape
-    h_kv, s = k.shape[1], k.shape[2]
+    s = k.shape[2]
     if r * s == 0:
         return torch.zeros(n, r, s, device=q.device)
-    group = h // h_kv  # grouped-query attention: a key head's `group` query heads sit side by side in each row
     dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    # head-major copies, so that a run of key heads (or of batch rows within one) is one dense batch of products
-    q = _contiguous(q.unflatten(1, (h_kv, group)).permute(1, 0, 3, 2, 4), dtype).view(h_kv, n, r * group, d)
-    k = _contiguous(k.transpose(0, 1), dtype)  # [Hkv, N, S, d]
-    blocked = None if allowed is None else ~allowed.repeat_interleave(group, 1)  # [N, R * group, S]
-    plans = []  # per row block: key heads and batch rows per product (at most _CHUNK logits, or one of each)
-    for top, end, keys in _row_blocks(allowed, r, s):
-        size = group * (end - top) * keys  # logits of one key head and one batch row
-        plans.append((top, end, keys, max(1, min(h_kv, _CHUNK // (n * size))), max(1, min(n, _CHUNK // size))))
-    buffer = max(heads * batch * group * (end - top) * keys for top, end, keys, heads, batch in plans)
-    logits = torch.empty(buffer, dtype=dtype, device=q.device)
-    scratch = None if dtype == torch.float32 else torch.empty(buffer, device=q.device)  # bf16 logits in fp32
-    # causal blocks take dense copies of their rows and key prefix (a batched bf16 product would copy strided
-    # operands on every call), into two buffers that every block reuses
-    whole = len(plans) == 1 and plans[0][2] == s  # one block of every row and key: nothing to copy
-    q_buffer, k_buffer = (None, None) if whole else (torch.empty_like(q), torch.empty_like(k))
-    total = torch.zeros(n, r, s, device=q.device)
-    for top, end, keys, heads, batch in plans:
-        rows = slice(top * group, end * group)
-        q_block, k_block = _dense(q[:, :, rows], q_buffer), _dense(k[:, :, :keys], k_buffer)
-        for first in range(0, h_kv, heads):
-            kv = slice(first, first + heads)
-            for start in range(0, n, batch):
-                nb = slice(start, start + batch)
-                qc, kc = q_block[kv, nb], k_block[kv, nb]  # still dense: one key head, or every batch row
-                shape = (*qc.shape[:3], keys)  # [heads, batch, rows * group, keys]
-                part = logits[:math.prod(shape)].view(shape)
-                part.flatten(0, 1).baddbmm_(qc.flatten(0, 1), kc.flatten(0, 1).transpose(1, 2), beta=0, alpha=d ** -0.5)
-                if blocked is not None:
-                    part.masked_fill_(blocked[nb, rows, :keys], float("-inf"))
-                if scratch is not None:
-                    part = scratch[:part.numel()].view(shape).copy_(part)
-                acc = total[nb, top:end, :keys]
-                for key_head in torch.softmax(part, -1, out=part):  # in place: each row is read before it is written
-                    for head in key_head.view(shape[1], -1, group, keys).unbind(2):
-                        acc.add_(head, alpha=1 / h)  # the head mean, without a pass of its own
+    q = q.to(dtype)  # read in place: a product takes strided query rows at full speed (not strided keys)
+    group = h // k.shape[1]  # grouped-query attention: `group` query heads share each key head
+    k = k if k.dtype == dtype and k.is_contiguous() else _contiguous(k, dtype)  # [N, Hkv, S, d]
+    blocked = None if allowed is None else ~allowed  # [N, R, S]
+    rows = max(1, _CHUNK // (h * s))  # query rows per product
+    blocks = _row_blocks(allowed, r, s, rows)
+    batch = max(1, min(n, rows // r))  # batch rows per product: several only when each has few query rows (decoding)
+    size = batch * h * max((end - top) * keys for top, end, keys in blocks)
+    logits = torch.empty(size, dtype=dtype, device=q.device)
+    probs = None if dtype == torch.float32 else torch.empty(size, device=q.device)  # bf16 logits' softmax in fp32
+    # a key prefix is copied dense once per block: a batched product would copy a strided one itself, per head
+    k_buffer = None if all(keys == s for _, _, keys in blocks) else torch.empty_like(k[:batch])
+    heads = torch.full((1, h), 1 / h, device=q.device)  # the head mean as one product
+    total = torch.empty(n, r, s, device=q.device) if blocks == [(0, r, s)] else torch.zeros(n, r, s, device=q.device)
+    for first in range(0, n, batch):
+        nb = slice(first, first + batch)
+        for top, end, keys in blocks:
+            shape = (min(batch, n - first), h, end - top, keys)
+            part = logits[:math.prod(shape)].view(shape)  # [batch, H, rows, keys]
+            rows_kv = group * (end - top)  # a key head's query heads stacked as rows
+            queries = q[nb, :, top:end].reshape(-1, rows_kv, d)  # [batch * Hkv, group * rows, d]
+            keys_nb = _dense(k[nb, :, :keys], k_buffer).flatten(0, 1)  # [batch * Hkv, keys, d]
+            part.view(-1, rows_kv, keys).baddbmm_(queries, keys_nb.transpose(1, 2), beta=0, alpha=d ** -0.5)
+            if blocked is not None:
+                part.masked_fill_(blocked[nb, None, top:end, :keys], float("-inf"))
+            if probs is not None:
+                part = probs[:part.numel()].view(shape).copy_(part)
+            _head_mean(heads, torch.softmax(part, -1, out=part), total[nb, top:end, :keys])
     if blocked is not None:
         total.nan_to_num_(0.0)  # a row with every key blocked is all NaN
     return total
 
 
-def _row_blocks(allowed: Tensor | None, r: int, s: int) -> list[tuple[int, int, int]]:
-    """(first row, end row, keys): rows [first, end) may attend only among the first `keys` keys. Under a causal mask
-    each block of _ROW_BLOCK rows stops at its last allowed key (about half the keys overall); else one block."""
+def _row_blocks(allowed: Tensor | None, r: int, s: int, size: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, keys): blocks of `size` rows, rows [first, end) attending only among the first `keys`
+    keys. Under a causal mask each block stops at its last allowed key (about half the keys overall)."""
     if allowed is None:
-        return [(0, r, s)]
-    seen = allowed.any(0).cumsum(-1, dtype=torch.int32)  # [R, S]: keys allowed so far, in any batch row
-    width = ((seen < seen[:, -1:]).sum(-1) + 1).tolist()  # per row: its last allowed key + 1
-    if min(width) == max(width):
-        return [(0, r, s)]
-    return [(top, min(top + _ROW_BLOCK, r), max(width[top:top + _ROW_BLOCK])) for top in range(0, r, _ROW_BLOCK)]
+        width = [s] * r
+    else:
+        seen = allowed.any(0).cumsum(-1, dtype=torch.int32)  # [R, S]: keys allowed so far, in any batch row
+        width = ((seen < seen[:, -1:]).sum(-1) + 1).tolist()  # per row: its last allowed key + 1
+    return [(top, min(top + size, r), max(width[top:top + size])) for top in range(0, r, size)]
+
+
+def _head_mean(weights: Tensor, probs: Tensor, out: Tensor) -> None:
+    """out [B, R, K] = weights [1, H] @ probs [B, H, R, K]: the head mean as one product per batch row, which sums
+    head after head in order (exactly as a chain of adds would) and reads each head once; a batched product sums
+    in another order."""
+    for row, row_out in zip(probs.flatten(2), out):  # [H, R * K], [R, K]
+        if row_out.is_contiguous():
+            torch.mm(weights, row, out=row_out.view(1, -1))
+        else:
+            row_out.copy_((weights @ row).view(row_out.shape))
 
 
 def _dense(x: Tensor, buffer: Tensor | None) -> Tensor:
