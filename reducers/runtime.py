@@ -32,6 +32,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from . import budget
 from .methods import Method
+from .scores import query_attention
 from .shape import ModelShape
 from .stages import gather_rows, pack, scatter_rows
 from .step import Reduction, Step
@@ -166,7 +167,7 @@ class Runtime:
             q = self.captured.pop(f"last{layer}").view(rows, 1, -1, module.head_dim).transpose(1, 2)
             cos, sin = kwargs["position_embeddings"]
             q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-            paid = _newest_query_attention(q, cache.layers[layer].keys, p.kv[layer].valid)  # [B, S_l]
+            paid = query_attention(q, cache.layers[layer].keys, p.kv[layer].valid[:, None, :])[:, 0]  # [B, S_l]
             p.received[layer] = paid if p.prefill else p.received[layer] + paid
             return None
         return hook
@@ -596,20 +597,6 @@ def _compact_cache(cache, layer: int, keep: Tensor) -> Tensor:
         setattr(entries, name, kept)
     index = torch.arange(cut, width, device=keep.device).expand(rows, -1)  # [B, W]
     return index.scatter(1, slots, sources)
-
-
-def _newest_query_attention(q: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
-    """Head-averaged attention of each row's newest query q [B, H, 1, d] (rotated) over its cached keys
-    [B, Hkv, S, d] where `valid` [B, S]: [B, S] fp32. One batched product over the key heads (the query heads that
-    share one stacked as rows) read straight from the cache: a bf16 cache's products are bf16 (fp32 accumulation,
-    rounded once), since an fp32 copy of the whole cache at every layer and step costs ~3x the product; other
-    dtypes compute in fp32. The softmax is fp32."""
-    rows, heads, _, dim = q.shape
-    dtype = torch.bfloat16 if keys.dtype == torch.bfloat16 else torch.float32
-    grouped = q.reshape(rows, keys.shape[1], -1, dim).to(dtype)  # [B, Hkv, group, d]
-    logits = (grouped @ keys.to(dtype).transpose(2, 3)).float().mul_(dim ** -0.5)  # [B, Hkv, group, S]
-    logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    return torch.softmax(logits, -1).nan_to_num_(0.0).sum((1, 2)).div_(heads)
 
 
 def _pack_right(keep: Tensor) -> tuple[Tensor, Tensor]:
