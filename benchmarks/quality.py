@@ -21,6 +21,7 @@ import torch
 import reducers
 from pipeline import benchmark
 from pipeline.reference import REFERENCE_MODEL_DIR, load_reference
+from reducers.shape import ModelShape
 
 RATIOS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
 HEADER = ("| method | budget | visual tokens | VQA accuracy | retention | caption F1 | retention |\n"
@@ -29,13 +30,15 @@ HEADER = ("| method | budget | visual tokens | VQA accuracy | retention | captio
 
 def row(result: dict, label: str, tokens: int | str) -> str:
     return (f"| {result['reducer']} | {label} | {tokens} | {100 * result['vqa_accuracy']:.1f} % | "
-            f"{100 * result['retention_vqa']:.1f} % | {result['caption_f1']:.3f} | {100 * result['retention_caption']:.1f} % |")
+            f"{100 * result['retention_vqa']:.1f} % | {result['caption_f1']:.3f} | "
+            f"{100 * result['retention_caption']:.1f} % |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
-    parser.add_argument("--methods", default=",".join([m for m in reducers.available() if m != "none"] + ["object-oracle"]),
+    listed = [m for m in reducers.available() if m != "none"] + ["object-oracle"]
+    parser.add_argument("--methods", default=",".join(listed),
                         help="comma-separated methods (default: every listed one but none, and object-oracle)")
     parser.add_argument("--questions", type=int, default=benchmark.DEFAULT_QUESTIONS)
     parser.add_argument("--captions", type=int, default=benchmark.DEFAULT_CAPTIONS)
@@ -46,7 +49,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load_reference(args.model)
-    full = (benchmark.image_size_of(processor) // model.config.vision_config.patch_size) ** 2
+    full = ModelShape.from_config(model.config).patches
     common = dict(questions=args.questions, captions=args.captions, batch_size=args.batch_size)
     started = time.time()
     unreduced = benchmark.run(model, processor, "none", **common)

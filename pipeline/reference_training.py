@@ -11,9 +11,10 @@ starts at `pipeline.benchmark.HELD_OUT_SEED_START`, the validation range below a
    batches (`make_batch`: background patches leave the LM input, so reduced inputs are in distribution),
    plus `attention_supervision_loss` on one head of two LM layers: colour / shape words look at the
    objects they name, and the answer position looks at those words (answer-only training left this
-   question-conditioned lookup at chance for 10k+ images). Each image carries every task as a separate turn that sees the image prefix and itself only (a 4-D
-   block mask, positions restarting after the prefix): identical to single-turn prompts at evaluation,
-   with the 144 image tokens paid once per ~11 answers.
+   question-conditioned lookup at chance for 10k+ images). Each image carries every task as a separate
+   turn that sees the image prefix and itself only (a 4-D block mask, positions restarting after the
+   prefix): identical to single-turn prompts at evaluation, with the 144 image tokens paid once per ~11
+   answers.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class Recipe:
     align_weight: float = 1.0
     attention_weight: float = 1.0   # of the two attention-supervision losses (see attention_supervision_loss)
     lookup_layer: int = 1           # LM layer whose head 0 learns: colour / shape words -> the objects they name
-    gather_layer: int = 3           # LM layer whose head 0 learns: answer position -> those words (see attention_targets)
+    gather_layer: int = 3           # LM layer whose head 0 learns: answer position -> those words (attention_targets)
     turn_weighted_loss: bool = True  # every answer weighs the same in the loss (see answer_loss)
     drop_probability: float = 0.5   # share of joint batches with background patches dropped (see make_batch)
     init_from: str | None = None    # a folder saved by an earlier run (probes chain stages this way)
@@ -167,18 +168,19 @@ def scene_questions(scene: Scene) -> list[Question]:
     return questions
 
 
+ObjectPatches = list[tuple[str, str, list[int]]]  # per object of an image: colour, shape, the patches it covers
+
+
 def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question]], patches: int,
-               original_positions: bool = False, scenes: list[Scene] | None = None,
-               object_patches: list[list[list[int]]] | None = None) -> dict[str, Tensor]:
+               original_positions: bool = False, objects: list[ObjectPatches] | None = None) -> dict[str, Tensor]:
     """Rows of [<s> USER : <image> per kept patch] + turns "q ASSISTANT : a </s>", each turn seeing the prefix
     and itself only.
 
     Positions run on through the prefix, and each turn's restart where the prefix ends, as in a single-turn
     prompt; with `original_positions` a kept patch keeps the position it has in the full grid and turns start
     after the full grid (what LLM-side pruning shows the LM), else positions are compact (vision-side pruning).
-    Returns input_ids, labels (answer tokens and </s> only), position_ids and a 4-D boolean mask; given the
-    `scenes` and each one's `object_patches` (per object, the patches it covers), also the attention targets
-    of `attention_targets` as (row, query, keys).
+    Returns input_ids, labels (answer tokens and </s> only), position_ids and a 4-D boolean mask; given each
+    image's `objects`, also the attention targets of `attention_targets` as (row, query, keys).
     """
     head = tok("USER: ")["input_ids"]
     rows, labels, segments, positions = [], [], [], []
@@ -189,14 +191,14 @@ def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question
                                         else list(range(len(head), len(ids))))
         turn_start = len(head) + (patches if original_positions else len(kept))
         lab, seg = [-100] * len(ids), [0] * len(ids)
+        if objects is not None:  # the objects' patches as sequence positions
+            image_position = {patch: len(head) + i for i, patch in enumerate(kept)}
+            placed = [(colour, shape, [image_position[p] for p in covered]) for colour, shape, covered in objects[row]]
         for turn, q in enumerate(questions, start=1):
             asked = tok(f"{q.text} ASSISTANT:", add_special_tokens=False)["input_ids"]
             answer = tok(f" {q.answer}</s>", add_special_tokens=False)["input_ids"]
-            if object_patches is not None:
-                image_position = {patch: len(head) + i for i, patch in enumerate(kept)}
-                objects = [(o.colour, o.shape, [image_position[p] for p in patches_of])
-                           for o, patches_of in zip(scenes[row].objects, object_patches[row])]
-                lookups, gathers = attention_targets(tok, q, asked, len(ids), objects)
+            if objects is not None:
+                lookups, gathers = attention_targets(tok, q, asked, answer, len(ids), placed)
                 lookup_targets += [(row, query, keys) for query, keys in lookups]
                 gather_targets += [(row, query, keys) for query, keys in gathers]
             ids += asked + answer
@@ -214,14 +216,15 @@ def pack_turns(tok, kept_patches: list[list[int]], per_image: list[list[Question
     mask |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
     packed = {"input_ids": input_ids, "labels": label_ids, "position_ids": pad(positions, 0),
               "attention_mask": mask[:, None]}
-    if object_patches is not None:
+    if objects is not None:
         packed.update(lookup_targets=lookup_targets, gather_targets=gather_targets)
     return packed
 
 
-def attention_targets(tok, question: Question, asked: list[int], start: int, objects: list[tuple[str, str, list[int]]]
-                      ) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]]]:
-    """(query, keys) pairs of one turn starting at sequence position `start`, for the two supervised heads.
+def attention_targets(tok, question: Question, asked: list[int], answer: list[int], start: int,
+                      objects: ObjectPatches) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]]]:
+    """(query, keys) pairs of one turn (token ids `asked` + `answer`) starting at sequence position `start`, for
+    the two supervised heads.
 
     `objects` are the image's (colour, shape, sequence positions of its patches).
     lookup (an early layer): each colour / shape word, of the question or of a caption, looks at the patches of
@@ -231,7 +234,6 @@ def attention_targets(tok, question: Question, asked: list[int], start: int, obj
     objects directly: all of them, or in a caption the object whose colour comes next.
     """
     answer_query = start + len(asked) - 1  # the ":" of "ASSISTANT :"
-    answer = tok(f" {question.answer}", add_special_tokens=False)["input_ids"]
     lookups = [(start + i, named_objects(tok, token, objects)) for i, token in enumerate(asked)]
     lookups += [(answer_query + 1 + i, named_objects(tok, token, objects)) for i, token in enumerate(answer)]
     lookups = [(query, keys) for query, keys in lookups if keys is not None]
@@ -243,7 +245,7 @@ def attention_targets(tok, question: Question, asked: list[int], start: int, obj
     return lookups, [(answer_query, [p for o in question.evidence for p in objects[o][2]])]
 
 
-def named_objects(tok, token: int, objects: list[tuple[str, str, list[int]]]) -> list[int] | None:
+def named_objects(tok, token: int, objects: ObjectPatches) -> list[int] | None:
     """Patch positions of the objects a colour / shape word names ([0], i.e. <s>, when none); None for other words."""
     word = tok.convert_ids_to_tokens(token)
     shape = next((s for s, plural in PLURAL.items() if plural == word), word)
@@ -287,8 +289,9 @@ def make_batch(seeds: range, processor, arch: Architecture, with_text: bool, dro
             original_positions = bool(rng.random() < 0.5)
             batch["kept_patches"] = kept
         questions = [scene_questions(s) for s in scenes]
-        batch.update(pack_turns(processor.tokenizer, kept, questions, patches, original_positions, scenes,
-                                [object_patches(c) for c in coverage]))
+        objects = [[(o.colour, o.shape, covered) for o, covered in zip(s.objects, object_patches(c))]
+                   for s, c in zip(scenes, coverage)]
+        batch.update(pack_turns(processor.tokenizer, kept, questions, patches, original_positions, objects))
         batch["tasks"] = [[q.task for q in qs] for qs in questions]
     return batch
 
