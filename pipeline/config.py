@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.bundled import BUNDLED_MODEL
+from pipeline.bundled import BUNDLED_MODEL, BUNDLED_PROMPTS, GENERIC_PROMPTS, default_prompts
 
 SAMPLES = Path(__file__).resolve().parent / "assets" / "samples"
 TASKS = ("caption", "vqa")
@@ -39,17 +39,22 @@ class JobConfig:
     output: str = _opt("out", "output URI: results/, costs/ and summary.json are written under it", "URI")
     format: str = _opt("auto", "input format: parquet, webdataset (tar), images (a folder), or auto "
                                "(from the file extensions found)", "{auto,parquet,webdataset,images}")
-    model: str = _opt(BUNDLED_MODEL, "a LLaVA model: local path or Hugging Face hub id; 'bundled' is the tiny "
-                                     "model that ships with trimlens", "ID_OR_PATH")
+    model: str = _opt(BUNDLED_MODEL, "a LLaVA model: local path or Hugging Face hub id; 'bundled' is the small "
+                                     "reference model that ships with trimlens (it knows only the words of its "
+                                     "procedural scenes: shapes, colours, counts, quadrants)", "ID_OR_PATH")
     reducer: str = _opt("none", "visual-token reduction method (see reducers.available()); none keeps all tokens",
                        "NAME")
     visual_tokens: int | None = _opt(None, "reducer budget: layer-averaged visual tokens kept per image "
                                              "(default: none; only the reducer none needs no budget)", "N")
     ratio: float | None = _opt(None, "reducer budget as a fraction of each image's visual tokens "
                                      "(instead of --visual-tokens; default: none)", "R")
-    prompt: str = _opt("Write a short caption for the image.", "caption: the instruction sent with every image", "TEXT")
-    question: str = _opt("What is shown in the image?", "vqa: the question for rows that carry none of their own "
-                                                        "(Parquet question column / WebDataset key.json field)", "TEXT")
+    prompt: str | None = _opt(None, "caption: the instruction sent with every image (default: "
+                                    f"{BUNDLED_PROMPTS['prompt']!r} with the bundled model, else "
+                                    f"{GENERIC_PROMPTS['prompt']!r})", "TEXT")
+    question: str | None = _opt(None, "vqa: the question for rows that carry none of their own (Parquet question "
+                                      "column / WebDataset key.json field) (default: "
+                                      f"{BUNDLED_PROMPTS['question']!r} with the bundled model, else "
+                                      f"{GENERIC_PROMPTS['question']!r})", "TEXT")
     max_new_tokens: int = _opt(32, "most tokens generated per image", "N")
     batch_size: int = _opt(8, "images per model batch (a batch never mixes input shards)", "N")
     actors: tuple[int, int] = _opt((1, 1), "model actor pool size MIN,MAX (one model copy per actor)",
@@ -68,6 +73,11 @@ class JobConfig:
                                    "NAME")
     images_per_shard: int = _opt(1000, "image-folder input: images per shard (the unit of progress and resume)",
                                 "N")
+
+    def __post_init__(self) -> None:
+        for name, text in default_prompts(self.model).items():  # the defaults depend on the model
+            if getattr(self, name) is None:
+                setattr(self, name, text)
 
     def validate(self) -> None:
         """Checks that need no I/O; raises ConfigError."""
@@ -107,7 +117,8 @@ def _parse_actors(text: str | list | tuple | int) -> tuple[int, int]:
 
 
 def _field_types() -> dict[str, Any]:
-    hints = {"int | None": int, "float | None": float, "int": int, "float": float, "str": str, "bool": bool}
+    hints = {"int | None": int, "float | None": float, "str | None": str, "int": int, "float": float, "str": str,
+             "bool": bool}
     return {f.name: hints.get(str(f.type)) for f in dataclasses.fields(JobConfig)}
 
 

@@ -54,6 +54,16 @@ def prompt_text(processor, instruction: str) -> str:
     return processor.apply_chat_template(turn, add_generation_prompt=True)
 
 
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The pieces of `text` that the tokenizer can only map to its unknown token. Only word-level vocabularies
+    (the bundled model's) have such pieces; byte-fallback tokenizers (LLaVA's) encode every text."""
+    if tokenizer.unk_token_id is None:
+        return []
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [text[start:end] for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+            if token == tokenizer.unk_token_id]
+
+
 def pack(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -80,6 +90,9 @@ def prepare(batch: pa.Table, config: JobConfig) -> pa.Table:
     for row in rows:
         question = (row["question"] or config.question) if config.task == "vqa" else None
         error, packed = row["error"], None
+        unknown = unknown_words(processor.tokenizer, question) if error is None and question else []
+        if unknown:  # the model would read <unk> in their place and answer another question
+            error = f"question has words the model does not know: {', '.join(map(repr, unknown))}"
         if error is None:
             try:
                 packed = _prepare_row(processor, row["image"], question or config.prompt)

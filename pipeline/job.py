@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import ray
 import ray.data
 
-from pipeline.bundled import resolve_model
+from pipeline.bundled import BUNDLED_MODEL, default_prompts, resolve_model
 from pipeline.config import ConfigError, JobConfig, parse_args
 from pipeline.decode import prepare
 from pipeline.progress import Progress
@@ -55,6 +55,22 @@ def check_reducer(model_config, config: JobConfig) -> None:
         raise ConfigError(f"reducer {config.reducer}: {e}") from None
 
 
+def check_instruction(config: JobConfig) -> None:
+    """Refuses a --prompt (caption) or --question (vqa) with words the model's tokenizer cannot encode."""
+    from pipeline.decode import load_processor, unknown_words
+
+    try:
+        tokenizer = load_processor(config.model).tokenizer
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {config.model} has no processor ({str(e).splitlines()[0]})") from None
+    name = "prompt" if config.task == "caption" else "question"
+    unknown = unknown_words(tokenizer, getattr(config, name))
+    if unknown:
+        hint = f" (its default is {default_prompts(config.model)[name]!r})" if config.model == BUNDLED_MODEL else ""
+        raise ConfigError(f"--{name} has words the model {config.model} does not know: "
+                          f"{', '.join(map(repr, unknown))}{hint}")
+
+
 def plan(config: JobConfig) -> Plan:
     """Every check that can refuse the job (raises ConfigError), cheapest first; no weights are loaded."""
     input_fs, root = open_uri(config.input)
@@ -65,6 +81,7 @@ def plan(config: JobConfig) -> Plan:
     sink = ShardSink(output_fs, output_root)
     sink.check_writable(config.output)
     check_reducer(load_model_config(config.model), config)
+    check_instruction(config)
     if config.overwrite:
         sink.clear()
     return Plan(input_fs, shards, sink, sink.completed())

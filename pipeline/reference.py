@@ -16,9 +16,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoProcessor, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
+from pipeline.bundled import BUNDLED_MODEL_DIR as REFERENCE_MODEL_DIR  # jobs know the shipped model as "bundled"
 from pipeline.scenes import vocabulary
 
-REFERENCE_MODEL_DIR = Path(__file__).parent / "assets" / "reference_model"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 # The LLaVA-1.5 conversation format; "\n" after the image is whitespace to the word-level tokenizer.
 CHAT_TEMPLATE = (

@@ -23,6 +23,20 @@ def test_defaults_run_the_bundled_job():
     assert config.model == "bundled" and config.reducer == "none"
 
 
+def test_default_instructions_follow_the_model_and_fit_the_bundled_vocabulary():
+    from pipeline.decode import load_processor, unknown_words
+    from pipeline.scenes import CAPTION_QUESTION
+
+    bundled = parse_args("vqa", [])
+    assert bundled.prompt == CAPTION_QUESTION  # what the reference model was trained to caption on
+    tokenizer = load_processor("bundled").tokenizer
+    assert unknown_words(tokenizer, bundled.prompt) == unknown_words(tokenizer, bundled.question) == []
+    assert unknown_words(tokenizer, "what colour is the octagon ?") == ["octagon"]
+    other = parse_args("vqa", ["--model", "org/llava"])
+    assert other.prompt == "Write a short caption for the image." and other.question == "What is shown in the image?"
+    assert parse_args("caption", ["--prompt", "describe the image ."]).prompt == "describe the image ."
+
+
 def test_flags_map_onto_fields():
     config = parse_args("vqa", ["--reducer", "fastv", "--ratio", "0.25", "--actors", "2,4", "--gpus-per-actor", "0.5",
                                 "--dtype", "fp32", "--batch-size", "3", "--overwrite", "--question", "Why?"])
@@ -112,6 +126,8 @@ def refusal_cases(tmp_path) -> dict[str, list[str]]:
         "above the full count": [*common, "--reducer", "fastv", "--visual-tokens", "100000"],
         "budget": [*common, "--reducer", "fastv"],
         "has no column 'id'": [*common, "--input", str(other_columns)],
+        "does not know: 'Write', 'short', 'caption'": [*common, "--model", "bundled",
+                                                       "--prompt", "Write a short caption for the image ."],
     }
 
 

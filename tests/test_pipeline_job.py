@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import ray
 
-from pipeline.config import parse_args
+from pipeline.config import JobConfig, parse_args
 from pipeline.job import main, run
+from pipeline.scenes import NUMBERS, caption_scores, f1, generate_scene
 from pipeline_data import bad_images, good_images, odd_images, save_test_model, write_parquet_shard, write_tar_shard
 
 
@@ -111,3 +112,26 @@ def test_resume_skips_finished_shards_and_cleans_a_half_written_one(local_ray, i
     fresh = run(parse_args("caption", [*args, "--overwrite"]))
     assert (fresh["rows_this_run"], fresh["shards_skipped"]) == (12, 0)
     assert finished.stat().st_mtime_ns != before
+
+
+def test_the_default_job_captions_the_bundled_samples_with_the_bundled_model(local_ray, tmp_path):
+    """What `make demo` runs: the shipped reference model on the shipped sample scenes, whose ground truth the
+    scene generator gives back from the seed in each file name."""
+    assert main("caption", ["--output", str(tmp_path / "out")]) == 0
+    results = pd.read_parquet(tmp_path / "out" / "results")
+    assert len(results) == 6 and results["error"].isna().all()
+    scores = [f1(*caption_scores(text, generate_scene(int(name.split("-")[1].split(".")[0]))))
+              for name, text in zip(results["id"], results["text"])]
+    assert sum(scores) / len(scores) >= 0.6, list(zip(results["text"], scores))
+
+
+def test_a_question_outside_the_bundled_vocabulary_becomes_an_error_row(local_ray, tmp_path):
+    images = sorted(Path(JobConfig().input).glob("*.png"))[:2]
+    shard = tmp_path / "in" / "part-0.parquet"
+    write_parquet_shard(shard, {p.name: p.read_bytes() for p in images},
+                        {images[0].name: "What colour is the octagon?"})
+    assert main("vqa", ["--input", str(shard.parent), "--output", str(tmp_path / "out")]) == 0
+    rows = pd.read_parquet(tmp_path / "out" / "results").set_index("id")
+    assert rows.loc[images[0].name, "error"] == "question has words the model does not know: 'What', 'octagon'"
+    assert rows.loc[images[1].name, "question"] == "how many objects are there ?"
+    assert rows.loc[images[1].name, "text"] in NUMBERS and pd.isna(rows.loc[images[1].name, "error"])
