@@ -31,6 +31,8 @@ def main() -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--token-averaged-loss", dest="turn_weighted_loss", action="store_false",
                         help="average the answer loss over tokens rather than over turns")
+    parser.add_argument("--no-align-quadrant", dest="align_quadrant", action="store_false",
+                        help="align object patches to their colour and shape words only, not their quadrant's")
     parser.add_argument("--init-from", help="start from a folder saved by an earlier run (not the committed recipe)")
     args = parser.parse_args()
     recipe = Recipe(**{k: v for k, v in vars(args).items() if k != "out"})

@@ -10,9 +10,9 @@ from pipeline.benchmark import Item, ObjectOracle, caption_items, object_coverag
 from pipeline import benchmark
 from pipeline.reference import Architecture, build_model, build_processor, load_reference, prompt
 from pipeline.reference_training import (PAIRS, PatchDropper, answer_accuracy, answer_loss, attention_supervision_loss,
-                                         dropped_background, make_batch, pack_turns, scene_questions, vision_targets,
-                                         word_alignment_loss)
-from pipeline.scenes import (CAPTION_TASK, COLOURS, PLURAL, SHAPES, TASKS, generate_scene, render_scene,
+                                         dropped_background, make_batch, pack_turns, patch_quadrants, scene_questions,
+                                         vision_targets, word_alignment_loss)
+from pipeline.scenes import (CAPTION_TASK, COLOURS, PLURAL, QUADRANTS, SHAPES, TASKS, generate_scene, render_scene,
                              vocabulary)
 from reducers.step import Step
 
@@ -156,15 +156,22 @@ def test_object_oracle_refuses_to_run_blind():
 def test_word_alignment_loss_is_zero_when_patches_read_as_their_words(small):
     tok = small[0].tokenizer
     embeddings = torch.randn(len(tok), 8)
+    word = lambda w: embeddings[tok.convert_tokens_to_ids(w)]  # noqa: E731
     scene = generate_scene(11)
     _, index_map = render_scene(scene)
     pair = vision_targets([scene], [index_map], Architecture())["patch_pair"]
-    projected = torch.randn(1, pair.shape[1], 8)
+    quadrants = patch_quadrants(pair.shape[1])
+    named = torch.randn(1, pair.shape[1], 8)  # object patches as "red circle"
+    placed = torch.randn(1, pair.shape[1], 8)  # and as "red circle top left"
     for slot in torch.nonzero(pair[0]).flatten().tolist():
         colour, shape = PAIRS[int(pair[0, slot]) - 1]
-        projected[0, slot] = 3 * (embeddings[tok.convert_tokens_to_ids(colour)] + embeddings[tok.convert_tokens_to_ids(shape)])
-    assert word_alignment_loss(projected, pair, embeddings, tok) == pytest.approx(0.0, abs=1e-5)
-    assert word_alignment_loss(-projected, pair, embeddings, tok) == pytest.approx(2.0, abs=1e-5)
+        named[0, slot] = 3 * (word(colour) + word(shape))
+        vertical, horizontal = QUADRANTS[int(quadrants[slot])].split()
+        placed[0, slot] = 3 * (word(colour) + word(shape) + word(vertical) + word(horizontal))
+    assert word_alignment_loss(placed, pair, embeddings, tok) == pytest.approx(0.0, abs=1e-5)
+    assert word_alignment_loss(-placed, pair, embeddings, tok) == pytest.approx(2.0, abs=1e-5)
+    assert word_alignment_loss(named, pair, embeddings, tok, with_quadrant=False) == pytest.approx(0.0, abs=1e-5)
+    assert word_alignment_loss(named, pair, embeddings, tok) > 0.1  # the quadrant is part of the target
 
 
 def test_drop_batches_keep_every_object_patch_and_run_through_the_model(small):
