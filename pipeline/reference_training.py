@@ -13,7 +13,7 @@ starts at `pipeline.benchmark.HELD_OUT_SEED_START`, the validation range below a
    objects they name, and the answer position looks at those words (answer-only training left this
    question-conditioned lookup at chance for 10k+ images). Each image carries every task as a separate
    turn that sees the image prefix and itself only (a 4-D block mask, positions restarting after the
-   prefix): identical to single-turn prompts at evaluation, with the 144 image tokens paid once per ~11
+   prefix): identical to single-turn prompts at evaluation, with the 144 image tokens paid once per ~12
    answers.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pipeline.scenes import (CAPTION_TASK, COLOURS, PLURAL, QUADRANTS, SHAPES, T
 VALIDATION_SEED_START = 20_000_000
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 # Extra draws of the tasks whose questions vary most within one scene (which colour / pair is asked about).
-EXTRA_TURNS = ("presence", "presence", "count_colour", "count_shape")
+EXTRA_TURNS = ("presence", "presence", "count_colour", "count_shape", "position")
 BACKGROUND_WEIGHT = 0.2
 AUX_HEADS_FILE = "aux_heads.safetensors"
 PATCH_OBJECT_THRESHOLD = 0.2  # a patch belongs to an object when the object covers this share of its pixels
@@ -230,7 +230,7 @@ def attention_targets(tok, question: Question, asked: list[int], answer: list[in
     `objects` are the image's (colour, shape, sequence positions of its patches).
     lookup (an early layer): each colour / shape word, of the question or of a caption, looks at the patches of
     the objects it names, or at <s> (position 0) when none; the word's own embedding is the query, so this is
-    one hop. gather (a later layer): the position that predicts the answer looks at the question's colour /
+    one hop. gather (a later layer): each position that predicts an answer word looks at the question's colour /
     shape words, which by then hold what they found; with no such word (total count, caption) it looks at the
     objects directly: all of them, or in a caption the object whose colour comes next.
     """
@@ -239,8 +239,8 @@ def attention_targets(tok, question: Question, asked: list[int], answer: list[in
     lookups += [(answer_query + 1 + i, named_objects(tok, token, objects)) for i, token in enumerate(answer)]
     lookups = [(query, keys) for query, keys in lookups if keys is not None]
     keywords = [query for query, _ in lookups if query < answer_query]
-    if keywords:
-        return lookups, [(answer_query, keywords)]
+    if keywords:  # each position that predicts an answer word ("top", then "left") reads the question's words
+        return lookups, [(answer_query + i, keywords) for i in range(len(answer) - 1)]
     if question.task == CAPTION_TASK:  # each "a" (4 tokens per "a red circle ,") predicts the next object's colour
         return lookups, [(answer_query + 1 + 4 * j, objects[o][2]) for j, o in enumerate(question.evidence)]
     return lookups, [(answer_query, [p for o in question.evidence for p in objects[o][2]])]

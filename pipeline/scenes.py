@@ -217,7 +217,7 @@ def ask(scene: Scene, task: str, rng: np.random.Generator) -> Question | None:
         return Question(task, f"where is the {obj.name} ?", obj.quadrant(scene.size),  # type: ignore[arg-type]
                         (objects.index(obj),))
     if task == CAPTION_TASK:
-        return Question(task, CAPTION_QUESTION, caption(scene), tuple(objects.index(o) for o in left_to_right(scene)))
+        return Question(task, CAPTION_QUESTION, caption(scene), tuple(objects.index(o) for o in caption_order(scene)))
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS + (CAPTION_TASK,)}")
 
 
@@ -240,13 +240,19 @@ def _near_miss(present: set[tuple[str, str]], rng: np.random.Generator) -> tuple
     return pool[int(rng.integers(len(pool)))]
 
 
-def left_to_right(scene: Scene) -> list[SceneObject]:
-    return sorted(scene.objects, key=lambda o: o.cx)
+def caption_order(scene: Scene) -> list[SceneObject]:
+    """Objects by colour, then shape, in the order of COLOURS and SHAPES.
+
+    An order by what the objects are rather than where: the next object to name is the first present pair after
+    the last one named, which a small model reads from the patches' colour and shape. Left to right, it needed
+    each object's exact column and repeated or skipped objects (scoring ignores the order either way)."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    return sorted(scene.objects, key=lambda o: (colours.index(o.colour), shapes.index(o.shape)))
 
 
 def caption(scene: Scene) -> str:
-    """Objects from left to right: "a red circle, a blue square"."""
-    return " , ".join(f"a {o.name}" for o in left_to_right(scene))
+    """Every object in `caption_order`: "a red circle , a blue square"."""
+    return " , ".join(f"a {o.name}" for o in caption_order(scene))
 
 
 def benchmark_item(seed: int, task: str, size: int = 168) -> tuple[Scene, Question]:

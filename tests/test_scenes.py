@@ -166,11 +166,11 @@ def _scene(*pairs: tuple[str, str]) -> Scene:
     return Scene(seed=0, size=168, objects=objects, background=(220, 220, 220), textured=False)
 
 
-def test_caption_names_objects_left_to_right_and_scores_perfectly():
-    scene = _scene(("red", "circle"), ("blue", "square"))
-    assert caption(scene) == "a red circle , a blue square"
+def test_caption_names_objects_by_colour_then_shape_and_scores_perfectly():
+    scene = _scene(("blue", "square"), ("red", "cross"), ("red", "circle"))
+    assert caption(scene) == "a red circle , a red cross , a blue square"
     assert ask(scene, CAPTION_TASK, np.random.default_rng(0)).answer == caption(scene)
-    assert caption_scores("A red circle, a blue square.", scene) == (1.0, 1.0)
+    assert caption_scores("A blue square, a red circle, a red cross.", scene) == (1.0, 1.0)  # any order
 
 
 def test_caption_precision_and_recall():
