@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.scenes import CAPTION_QUESTION
+
 BUNDLED_MODEL = "bundled"
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "reference_model"
-# Default instructions: the bundled model's own (pipeline.scenes.CAPTION_QUESTION and a count question), and
+# Default instructions: the bundled model's own (the caption prompt it was trained on, a count question), and
 # plain English for every other model.
-BUNDLED_PROMPTS = {"prompt": "describe the image .", "question": "how many objects are there ?"}
+BUNDLED_PROMPTS = {"prompt": CAPTION_QUESTION, "question": "how many objects are there ?"}
 GENERIC_PROMPTS = {"prompt": "Write a short caption for the image.", "question": "What is shown in the image?"}
 
 

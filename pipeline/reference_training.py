@@ -144,17 +144,22 @@ def patch_quadrants(patches: int) -> Tensor:
     return (2 * half[:, None].long() + half[None, :].long()).flatten()
 
 
-def vision_targets(scenes: list[Scene], index_maps: list[np.ndarray], arch: Architecture) -> dict[str, Tensor]:
+def coverage_by_object(scene: Scene, index_map: np.ndarray, patch: int) -> np.ndarray:
+    """Share of each patch's pixels that each object covers: [objects, patches]."""
+    return patch_coverage(index_map, patch, len(scene.objects)).reshape(len(scene.objects), -1)
+
+
+def vision_targets(scenes: list[Scene], coverage: list[np.ndarray], arch: Architecture) -> dict[str, Tensor]:
+    """Per-patch pair and centre targets and per-image present pairs, from each image's `coverage_by_object`."""
     grid = arch.grid
     pair = np.zeros((len(scenes), grid * grid), dtype=np.int64)
     centre = np.zeros((len(scenes), grid * grid), dtype=np.float32)
     present = np.zeros((len(scenes), len(PAIRS)), dtype=np.float32)
-    for b, (scene, index_map) in enumerate(zip(scenes, index_maps)):
-        coverage = patch_coverage(index_map, arch.patch_size, len(scene.objects)).reshape(len(scene.objects), -1)
+    for b, (scene, covered) in enumerate(zip(scenes, coverage)):
         for i, obj in enumerate(scene.objects):
             k = PAIRS.index((obj.colour, obj.shape))
             present[b, k] = 1.0
-            pair[b, coverage[i] >= PATCH_OBJECT_THRESHOLD] = k + 1
+            pair[b, covered[i] >= PATCH_OBJECT_THRESHOLD] = k + 1
             centre[b, int(obj.cy) // arch.patch_size * grid + int(obj.cx) // arch.patch_size] = 1.0
     return {"patch_pair": torch.from_numpy(pair), "patch_centre": torch.from_numpy(centre),
             "cls_pairs": torch.from_numpy(present)}
@@ -275,14 +280,12 @@ def make_batch(seeds: range, processor, arch: Architecture, with_text: bool, dro
     """
     scenes = [generate_scene(seed, arch.image_size) for seed in seeds]
     rendered = [render_scene(scene) for scene in scenes]
-    index_maps = [index_map for _, index_map in rendered]
+    coverage = [coverage_by_object(scene, index_map, arch.patch_size) for scene, (_, index_map) in zip(scenes, rendered)]
     batch = {"pixel_values": processor.image_processor([image for image, _ in rendered], return_tensors="pt")["pixel_values"],
-             "targets": vision_targets(scenes, index_maps, arch)}
+             "targets": vision_targets(scenes, coverage, arch)}
     if with_text:
         patches = arch.grid ** 2
         rng = np.random.default_rng([seeds[0], 99])
-        coverage = [patch_coverage(m, arch.patch_size, len(s.objects)).reshape(len(s.objects), -1)
-                    for s, m in zip(scenes, index_maps)]  # [objects, patches] per image
         kept = [list(range(patches))] * len(scenes)
         original_positions = False
         if rng.random() < drop_probability:

@@ -10,8 +10,8 @@ from pipeline.benchmark import Item, ObjectOracle, caption_items, object_coverag
 from pipeline import benchmark
 from pipeline.reference import Architecture, build_model, build_processor, load_reference, prompt
 from pipeline.reference_training import (PAIRS, PatchDropper, answer_accuracy, answer_loss, attention_supervision_loss,
-                                         dropped_background, make_batch, pack_turns, patch_quadrants, scene_questions,
-                                         vision_targets, word_alignment_loss)
+                                         coverage_by_object, dropped_background, make_batch, pack_turns, patch_quadrants,
+                                         scene_questions, vision_targets, word_alignment_loss)
 from pipeline.scenes import (CAPTION_TASK, COLOURS, PLURAL, QUADRANTS, SHAPES, TASKS, generate_scene, render_scene,
                              vocabulary)
 from reducers.step import Step
@@ -87,7 +87,7 @@ def test_teacher_forced_accuracy_counts_whole_answers(small):
 def test_vision_targets_mark_object_patches_and_centres():
     scene = generate_scene(11)
     _, index_map = render_scene(scene)
-    targets = vision_targets([scene], [index_map], Architecture())
+    targets = vision_targets([scene], [coverage_by_object(scene, index_map, 14)], Architecture())
     grid = Architecture().grid
     for obj in scene.objects:
         centre = int(obj.cy) // 14 * grid + int(obj.cx) // 14
@@ -159,7 +159,7 @@ def test_word_alignment_loss_is_zero_when_patches_read_as_their_words(small):
     word = lambda w: embeddings[tok.convert_tokens_to_ids(w)]  # noqa: E731
     scene = generate_scene(11)
     _, index_map = render_scene(scene)
-    pair = vision_targets([scene], [index_map], Architecture())["patch_pair"]
+    pair = vision_targets([scene], [coverage_by_object(scene, index_map, 14)], Architecture())["patch_pair"]
     quadrants = patch_quadrants(pair.shape[1])
     named = torch.randn(1, pair.shape[1], 8)  # object patches as "red circle"
     placed = torch.randn(1, pair.shape[1], 8)  # and as "red circle top left"
