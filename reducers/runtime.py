@@ -22,10 +22,13 @@ import dataclasses
 import functools
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -36,6 +39,46 @@ from .scores import query_attention
 from .shape import ModelShape
 from .stages import gather_rows, pack, scatter_rows
 from .step import Reduction, Step
+
+
+SDPA_WITH_LSE = "trimlens_sdpa"  # the vision tower's attention implementation while vision sites are attached
+_lse_sinks: dict[nn.Module, Callable[[Tensor], None]] = {}  # site attention module -> who takes its log-sum-exp
+
+
+def _sdpa_keeping_lse(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
+    """The tower's SDPA. At a vision site on CPU it calls the kernel SDPA dispatches to there (same output, bit for
+    bit), which also returns each query row's log-sum-exp: FiCoCo's scores need those softmax normalisers, and
+    recomputing them would cost a second q k^T over every row. Elsewhere it is transformers' SDPA as it is."""
+    sink = _lse_sinks.get(module)
+    if sink is None or query.device.type != "cpu" or dropout or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # as SDPA turns a boolean mask additive
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~attention_mask, float("-inf"))
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=attention_mask, scale=scaling)  # [B, H, S, d], [B, H, S] fp32
+    sink(lse)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SDPA_WITH_LSE, _sdpa_keeping_lse)
+
+
+class _TowerKeepsLse:
+    """While attached: the tower's attention is `_sdpa_keeping_lse` and its site layers hand over their
+    log-sum-exp; `remove()` puts plain SDPA back."""
+
+    def __init__(self, config, sinks: dict[nn.Module, Callable[[Tensor], None]]):
+        self.config, self.sinks = config, sinks
+        _lse_sinks.update(sinks)
+        config._attn_implementation = SDPA_WITH_LSE
+
+    def remove(self) -> None:
+        for module in self.sinks:
+            _lse_sinks.pop(module, None)
+        self.config._attn_implementation = "sdpa"
 
 
 @dataclass
@@ -126,6 +169,10 @@ class Runtime:
         if self.vision_sites:
             add(self.tower_module.register_forward_pre_hook(self._enter_tower))
             add(self.tower_module.register_forward_hook(self._leave_tower))
+            if self.tower_module.config._attn_implementation == "sdpa":
+                layers = self.tower_module.encoder.layers
+                add(_TowerKeepsLse(self.tower_module.config,
+                                   {layers[j].self_attn: functools.partial(self._keep_lse, j) for j in self.vision_sites}))
             for j, layer in enumerate(self.tower_module.encoder.layers):
                 add(layer.register_forward_pre_hook(self._tower_layer_mask))
                 if j in self.vision_sites:
@@ -149,6 +196,10 @@ class Runtime:
             return hook
         self._handles.append(attn.q_proj.register_forward_hook(keep("q")))
         self._handles.append(attn.k_proj.register_forward_hook(keep("k")))
+
+    def _keep_lse(self, layer: int, lse: Tensor) -> None:
+        if self.tower is not None:
+            self.captured[f"lse{layer}"] = lse
 
     def _capture_last_query(self, layer: int):
         def hook(module, args, output):
@@ -338,7 +389,7 @@ class Runtime:
         cand, cand_valid = pack(is_cand)
         step = Step(hidden=hidden, q=q, k=k, key_valid=valid, cand=cand, cand_valid=cand_valid,
                     keep=tower.targets[tower.site].to(hidden.device), causal=False, grid=self.shape.grid,
-                    slots=tower.slots.gather(1, cand), layer=layer)
+                    slots=tower.slots.gather(1, cand), layer=layer, lse=self.captured.pop(f"lse{layer}", None))
         start = _now(self.model)
         with torch.no_grad():
             reduction = self.method.reduce_vision(step)

@@ -19,16 +19,75 @@ _CHUNK = 1 << 19  # logits per batched product: small enough to stay in cache, l
 
 def attention_rows(step: Step, rows: Tensor) -> Tensor:
     """A for query rows `rows` [N, R] (sequence positions) against all keys: [N, R, S], head-averaged."""
-    n, h, s, d = step.q.shape
-    flat = step.q.transpose(1, 2).reshape(n * s, h, d)  # the captured [N, S, H, d] layout: whole rows copy fast
-    q = flat.index_select(0, (rows + s * torch.arange(n, device=rows.device)[:, None]).view(-1))
-    q = q.view(n, -1, h, d).transpose(1, 2)  # [N, H, R, d]
+    q = _rows_of(step.q, rows).transpose(1, 2)  # [N, H, R, d]
     if not step.causal and bool(step.key_valid.all()):
         return query_attention(q, step.k)  # nothing to mask (a tower without ragged crops)
-    allowed = step.key_valid[:, None, :].expand(-1, rows.shape[1], -1)  # [N, R, S]
-    if step.causal:
-        allowed = allowed & (torch.arange(s, device=rows.device) <= rows[..., None])
-    return query_attention(q, step.k, allowed)
+    return query_attention(q, step.k, _allowed(step, rows, torch.arange(step.k.shape[2], device=rows.device)[None]))
+
+
+def row_logsumexp(step: Step, rows: Tensor) -> Tensor:
+    """Per head, the log of the softmax normaliser of query rows `rows` [N, R]: [N, H, R] fp32.
+
+    From the site layer's own SDPA kernel when the runtime has it (`step.lse`); else computed once for every row
+    of the step (in the model's dtype, like `query_attention`) and kept in `step.lse` for the next call.
+    """
+    if step.lse is None:
+        every = torch.arange(step.q.shape[2], device=rows.device).expand(rows.shape[0], -1)  # [N, S]
+        allowed = None if not step.causal and bool(step.key_valid.all()) else _allowed(step, every, every)
+        step.lse = query_logsumexp(step.q, step.k, allowed)
+    return step.lse.gather(2, rows[:, None, :].expand(-1, step.lse.shape[1], -1))
+
+
+def attention_block(step: Step, rows: Tensor, cols: Tensor) -> Tensor:
+    """Head-averaged A[rows, cols] for query rows [N, R] and keys [N, C] (sequence positions): [N, R, C] fp32, the
+    softmax probabilities with each row's normaliser from `row_logsumexp` (so no other key's logit is formed);
+    0 where a row may not attend the key. Logits as in `query_attention` (bf16 products for a bf16 model)."""
+    n, h, _, d = step.q.shape
+    h_kv, r, c = step.k.shape[1], rows.shape[1], cols.shape[1]
+    dtype = torch.bfloat16 if step.q.dtype == torch.bfloat16 else torch.float32
+    lse = row_logsumexp(step, rows)  # [N, H, R]
+    queries, keys = _rows_of(step.q, rows), _rows_of(step.k, cols)  # [N, R, H, d], [N, C, Hkv, d]
+    out = torch.empty(n, r, c, device=rows.device)
+    chunk = max(1, _CHUNK // max(1, h * c))  # query rows per product
+    for i in range(n):  # row by row: a row's result never depends on another's
+        k_i = _contiguous(keys[i].transpose(0, 1), dtype)  # [Hkv, C, d]: dense operands multiply several times faster
+        for top in range(0, r, chunk):
+            q_i = queries[i, top:top + chunk]  # [r', H, d]
+            rows_i = q_i.shape[0]
+            q_i = _contiguous(q_i.view(rows_i, h_kv, -1, d).permute(1, 2, 0, 3), dtype)  # [Hkv, group, r', d]
+            logits = torch.baddbmm(torch.empty((), dtype=dtype, device=rows.device), q_i.view(h_kv, -1, d),
+                                   k_i.transpose(1, 2), beta=0, alpha=d ** -0.5)  # [Hkv, group * r', C]
+            probs = logits.view(h, rows_i, c).float().sub_(lse[i, :, top:top + chunk, None]).exp_()
+            torch.mean(probs, 0, out=out[i, top:top + chunk])
+    return out.masked_fill_(~_allowed(step, rows, cols), 0.0)
+
+
+def candidate_mean(step: Step) -> Tensor:
+    """Each candidate's mean attention over the (valid) candidates: [N, V]. A row's probabilities sum to 1, so this
+    is 1 minus what it pays the other keys it may attend (CLS, context patches, the text before the image): only
+    that narrow block is formed, not the [V, V] one."""
+    s = step.q.shape[2]
+    others, others_valid = pack(step.key_valid & ~unpack(step.cand, step.cand_valid, s))  # [N, O]
+    paid = (attention_block(step, step.cand, others) * others_valid[:, None, :]).sum(-1)  # [N, V]
+    return (1 - paid) / step.cand_valid.sum(1, keepdim=True).clamp(min=1) * step.cand_valid
+
+
+def _allowed(step: Step, rows: Tensor, cols: Tensor) -> Tensor:
+    """Which keys `cols` ([N, C] or [1, C]) each query row `rows` [N, R] may attend: [N, R, C] (real keys; causal in
+    the LLM)."""
+    cols = cols.expand(rows.shape[0], -1)
+    allowed = step.key_valid.gather(1, cols)[:, None, :].expand(-1, rows.shape[1], -1)
+    return allowed & (cols[:, None, :] <= rows[..., None]) if step.causal else allowed
+
+
+def _rows_of(x: Tensor, index: Tensor) -> Tensor:
+    """x [N, H, S, d] at per-row sequence positions index [N, R] -> [N, R, H, d] (contiguous)."""
+    n, h, s, d = x.shape
+    x = x.transpose(1, 2)  # [N, S, H, d]: the captured projections' own layout, where whole rows copy fast
+    if not x.is_contiguous():  # rotated LLM q / k are [N, H, S, d] tensors of their own
+        return x[torch.arange(n, device=index.device)[:, None], index]
+    flat = index + s * torch.arange(n, device=index.device)[:, None]
+    return x.reshape(n * s, h, d).index_select(0, flat.view(-1)).view(n, -1, h, d)
 
 
 def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tensor:
@@ -39,10 +98,36 @@ def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tens
     carry), any other model's fp32; the softmax is fp32. Dense keys of the compute dtype (a KV cache) are read in
     place.
     """
+    n, h, r, _ = q.shape
+    s = k.shape[2]
+    heads = torch.full((1, h), 1 / h, device=q.device)  # the head mean as one product
+    total = torch.zeros(n, r, s, device=q.device)
+    for nb, top, end, keys, logits in _logit_blocks(q, k, allowed):
+        _head_mean(heads, torch.softmax(logits, -1, out=logits), total[nb, top:end, :keys])
+    if allowed is not None:
+        total.nan_to_num_(0.0)  # a row with every key blocked is all NaN
+    return total
+
+
+def query_logsumexp(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """Per head, the log of each query row's softmax normaliser over its allowed keys: q [N, H, R, d],
+    k [N, Hkv, S, d] -> [N, H, R] fp32 (+inf for a row with no allowed key, so that its probabilities read 0)."""
+    n, h, r, _ = q.shape
+    out = torch.full((n, h, r), float("inf"), device=q.device)
+    for nb, top, end, _, logits in _logit_blocks(q, k, allowed):
+        peak = logits.amax(-1, keepdim=True)  # in place from here on: torch.logsumexp allocates three temporaries
+        peak.masked_fill_(peak == float("-inf"), 0.0)  # a row with no allowed key: its sum is 0, its log -inf
+        out[nb, :, top:end] = logits.sub_(peak).exp_().sum(-1).log_().add_(peak[..., 0])
+    return out.masked_fill_(out == float("-inf"), float("inf"))
+
+
+def _logit_blocks(q: Tensor, k: Tensor, allowed: Tensor | None):
+    """Yield (batch slice, first row, end row, keys, fp32 logits [b, H, rows, keys] with blocked keys at -inf) for
+    cache-sized blocks of query rows; each block's logits live in one reused buffer."""
     n, h, r, d = q.shape
     s = k.shape[2]
     if r * s == 0:
-        return torch.zeros(n, r, s, device=q.device)
+        return
     dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     q = q.to(dtype)  # read in place: a product takes strided query rows at full speed (not strided keys)
     group = h // k.shape[1]  # grouped-query attention: `group` query heads share each key head
@@ -53,11 +138,9 @@ def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tens
     batch = max(1, min(n, rows // r))  # batch rows per product: several only when each has few query rows (decoding)
     size = batch * h * max((end - top) * keys for top, end, keys in blocks)
     logits = torch.empty(size, dtype=dtype, device=q.device)
-    probs = None if dtype == torch.float32 else torch.empty(size, device=q.device)  # bf16 logits' softmax in fp32
+    as_fp32 = None if dtype == torch.float32 else torch.empty(size, device=q.device)  # bf16 logits, fp32 softmax
     # a key prefix is copied dense once per block: a batched product would copy a strided one itself, per head
     k_buffer = None if all(keys == s for _, _, keys in blocks) else torch.empty_like(k[:batch])
-    heads = torch.full((1, h), 1 / h, device=q.device)  # the head mean as one product
-    total = torch.empty(n, r, s, device=q.device) if blocks == [(0, r, s)] else torch.zeros(n, r, s, device=q.device)
     for first in range(0, n, batch):
         nb = slice(first, first + batch)
         for top, end, keys in blocks:
@@ -69,12 +152,9 @@ def query_attention(q: Tensor, k: Tensor, allowed: Tensor | None = None) -> Tens
             part.view(-1, rows_kv, keys).baddbmm_(queries, keys_nb.transpose(1, 2), beta=0, alpha=d ** -0.5)
             if blocked is not None:
                 part.masked_fill_(blocked[nb, None, top:end, :keys], float("-inf"))
-            if probs is not None:
-                part = probs[:part.numel()].view(shape).copy_(part)
-            _head_mean(heads, torch.softmax(part, -1, out=part), total[nb, top:end, :keys])
-    if blocked is not None:
-        total.nan_to_num_(0.0)  # a row with every key blocked is all NaN
-    return total
+            if as_fp32 is not None:
+                part = as_fp32[:part.numel()].view(shape).copy_(part)
+            yield nb, top, end, keys, part
 
 
 def _row_blocks(allowed: Tensor | None, r: int, s: int, size: int) -> list[tuple[int, int, int]]:
@@ -139,26 +219,6 @@ def text_rows(step: Step) -> tuple[Tensor, Tensor]:
     first_visual = step.cand[:, :1]  # [N, 1]
     after = step.text & (torch.arange(step.text.shape[1], device=step.cand.device) > first_visual)
     return pack(after)
-
-
-def candidate_rows(step: Step, extra: Tensor) -> tuple[Tensor, Tensor]:
-    """In one pass over the heads: A from every candidate to every key [N, V, S], and from the `extra` rows [N, E]
-    (sequence positions: CLS, text) to the candidates [N, E, V]."""
-    attn = attention_rows(step, torch.cat([step.cand, extra], 1))
-    v = step.cand.shape[1]
-    return attn[:, :v], candidate_columns(attn[:, v:], step)
-
-
-def candidate_mean(attn: Tensor, step: Step) -> Tensor:
-    """Each candidate's mean attention over the (valid) candidates, from candidate rows attn [N, V, S]: [N, V]."""
-    cols = unpack(step.cand, step.cand_valid, attn.shape[-1])  # [N, S]
-    return (attn * cols[:, None, :]).sum(-1) / cols.sum(1, keepdim=True).clamp(min=1) * step.cand_valid
-
-
-def candidate_block(attn: Tensor, step: Step, rows: Tensor, cols: Tensor) -> Tensor:
-    """A[candidate rows[i], candidate cols[j]] from candidate rows attn [N, V, S]: rows [N, R], cols [N, C] -> [N, R, C]."""
-    picked = attn[torch.arange(len(rows), device=rows.device)[:, None], rows]  # [N, R, S]
-    return picked.gather(2, step.cand.gather(1, cols)[:, None, :].expand(-1, rows.shape[1], -1))
 
 
 def masked_mean(x: Tensor, valid: Tensor, dim: int) -> Tensor:

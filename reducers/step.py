@@ -31,6 +31,8 @@ class Step:
     slots: Tensor | None = None     # [N, V] vision only: each candidate's patch index on that grid
     layer: int = 0          # the site's layer index (vision layer j, or LLM layer K)
     received: Tensor | None = None  # [N, V] decode sites: accumulated attention from the decode queries
+    lse: Tensor | None = None       # [N, H, S] each query row's log-sum-exp per head: from the site layer's own SDPA
+                                    # kernel where the runtime has it, else filled on first use (scores.row_logsumexp)
 
     @property
     def hidden_cand(self) -> Tensor:
@@ -38,10 +40,14 @@ class Step:
         from .stages import gather_rows  # stages builds on this module
         return gather_rows(self.hidden, self.cand)
 
+    def cand_at(self, index: Tensor) -> Tensor:
+        """[N, K] the sequence positions of the candidates at candidate indices `index` [N, K]."""
+        return self.cand.gather(1, index)
+
     def hidden_of(self, index: Tensor) -> Tensor:
         """[N, K, D] the hidden states of the candidates at candidate indices `index` [N, K] (a fresh copy)."""
         from .stages import gather_rows
-        return gather_rows(self.hidden, self.cand.gather(1, index))
+        return gather_rows(self.hidden, self.cand_at(index))
 
 
 @dataclass

@@ -126,6 +126,66 @@ def test_query_attention_in_row_blocks_and_bf16_equals_eager_softmax():
                                atol=3e-3, rtol=0)
 
 
+def eager_attention(step: Step) -> torch.Tensor:
+    """The head-averaged softmax of every row of `step` by the textbook route: [N, S, S] (0 where not allowed)."""
+    n, h, s, d = step.q.shape
+    logits = step.q.float() @ step.k.float().repeat_interleave(h // step.k.shape[1], 1).transpose(-1, -2) / d ** 0.5
+    allowed = step.key_valid[:, None, None, :] & (torch.ones(s, s, dtype=torch.bool).tril() if step.causal else True)
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0).mean(1)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["llm", "tower"])
+def test_attention_block_and_candidate_mean_equal_eager_softmax(causal):
+    """GQA, left padding (a padded query row reads 0), causality; the normalisers computed (LLM, or a tower on GPU)
+    or handed over as the site layer's SDPA kernel computes them (`step.lse`, tower on CPU): same probabilities."""
+    step = make_step(causal=causal, s=9)
+    expected = eager_attention(step)
+    rows, cols = torch.tensor([[8, 4, 0], [8, 3, 1]]), torch.tensor([[3, 5], [0, 4]])
+    picked = expected.gather(1, rows[..., None].expand(-1, -1, 9)).gather(2, cols[:, None, :].expand(-1, 3, -1))
+    torch.testing.assert_close(scores.attention_block(step, rows, cols), picked)
+    assert step.lse is not None  # computed once, kept for the next call
+    mean = (expected.gather(1, step.cand[..., None].expand(-1, -1, 9)).gather(2, step.cand[:, None].expand(-1, 3, -1))
+            * step.cand_valid[:, None, :]).sum(-1) / step.cand_valid.sum(1, keepdim=True) * step.cand_valid
+    torch.testing.assert_close(scores.candidate_mean(step), mean)
+    if not causal:
+        n, h, s, d = step.q.shape
+        mask = torch.zeros(n, 1, 1, s).masked_fill(~step.key_valid[:, None, None, :], float("-inf"))
+        k = step.k.repeat_interleave(h // step.k.shape[1], 1)
+        _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(step.q, k, k, attn_mask=mask)
+        kernel = make_step(causal=False, s=9)
+        kernel.lse = lse
+        torch.testing.assert_close(scores.attention_block(kernel, rows, cols), picked)
+        torch.testing.assert_close(scores.candidate_mean(kernel), mean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "key-mask"])
+def test_tower_attention_at_a_site_is_sdpa_bit_for_bit_and_hands_over_its_logsumexp(dtype, masked):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from reducers import runtime
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 50, 16, generator=g).to(dtype) for _ in range(3))
+    mask = None
+    if masked:  # the key mask the runtime gives ragged crops
+        mask = torch.ones(3, 1, 1, 50, dtype=torch.bool)
+        mask[1, ..., 37:] = False
+    module = torch.nn.Module()
+    module.is_causal = False
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    handed = []
+    runtime._lse_sinks[module] = handed.append
+    try:
+        got, _ = runtime._sdpa_keeping_lse(module, q, k, v, mask, scaling=0.25)
+    finally:
+        del runtime._lse_sinks[module]
+    assert torch.equal(got, expected)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * 0.25
+    if masked:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(handed[0], logits.logsumexp(-1), atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=0)
+
+
 def test_split_keeps_the_highest_scores_in_ascending_order_deterministically():
     step = make_step()
     score = torch.tensor([[0.9, 0.9, 0.9], [0.5, 0.2, 0.7]])

@@ -8,7 +8,7 @@ Attention is read at layer K-1 (causal). A[i, j] is how much query i attends to 
   compress   the self-preserving average, with its denominator.
 The text rows are the prompt tokens after the image. Default K = the 4th layer (index 3 of 32).
 """
-from ..scores import candidate_block, candidate_mean, candidate_rows, masked_mean, text_rows
+from ..scores import attention_block, candidate_mean, masked_mean, text_rows
 from ..stages import gather_rows, merge_self_preserving_, quantile_targets, split
 from ..step import Reduction, Step
 from . import Method, register
@@ -26,14 +26,14 @@ class FiCoCoL(Method):
 
     def reduce_llm(self, step: Step) -> Reduction:
         rows, text_valid = text_rows(step)
-        visual, text = candidate_rows(step, rows)  # [N, V, S] visual -> every key; [N, T, V] text -> visual
-        text = text * text_valid[..., None]
+        text = attention_block(step, rows, step.cand) * (text_valid[..., None] & step.cand_valid[:, None])  # [N, T, V]
         attended = masked_mean(text, text_valid[..., None], 1)  # [N, V]
-        redundancy = self.beta * candidate_mean(visual, step) - (1 - self.beta) * attended
+        redundancy = self.beta * candidate_mean(step) - (1 - self.beta) * attended
         parts = split(step, -redundancy)
         seen = text.transpose(1, 2)  # [N, V, T]: how each text row attends to each visual token
         via_text = gather_rows(seen, parts.dropped) @ gather_rows(seen, parts.kept).transpose(1, 2)  # [N, R, K]
         via_text = via_text / text_valid.sum(1).clamp(min=1)[:, None, None]
-        corr = self.gamma * candidate_block(visual, step, parts.dropped, parts.kept) + (1 - self.gamma) * via_text
+        direct = attention_block(step, step.cand_at(parts.dropped), step.cand_at(parts.kept))  # [N, R, K]
+        corr = self.gamma * direct + (1 - self.gamma) * via_text
         alpha = quantile_targets(corr, parts, self.eps)
         return parts.reduction(merge_self_preserving_(step.hidden_of(parts.kept), step.hidden_of(parts.dropped), alpha))

@@ -6,7 +6,7 @@ From the middle of the tower to the feature layer, each layer removes a share of
   compress   self-preserving average: x_j <- (x_j + sum_i a_ij x_i) / (1 + sum_i a_ij)
 Kept patches stay in spatial order and CLS stays first (the runtime keeps it out of the candidates).
 """
-from ..scores import candidate_block, candidate_mean, candidate_rows, cls_row
+from ..scores import attention_block, candidate_mean, cls_row
 from ..stages import local_penalty, merge_self_preserving_, quantile_targets, split
 from ..step import Reduction, Step
 from . import Method, register
@@ -24,9 +24,9 @@ class FiCoCoV(Method):
         return list(range(shape.vision_layer(self.start), shape.feature_layers))
 
     def reduce_vision(self, step: Step) -> Reduction:
-        attn, cls = candidate_rows(step, cls_row(step))  # [N, V, S] patches -> every key; [N, 1, V] CLS -> patches
-        redundancy = self.lam * candidate_mean(attn, step) - (1 - self.lam) * cls[:, 0]
+        cls = attention_block(step, cls_row(step), step.cand)[:, 0]  # [N, V] CLS -> patches
+        redundancy = self.lam * candidate_mean(step) - (1 - self.lam) * cls
         parts = split(step, -local_penalty(redundancy, step, self.penalty))
-        corr = candidate_block(attn, step, parts.dropped, parts.kept)  # [N, R, K]
+        corr = attention_block(step, step.cand_at(parts.dropped), step.cand_at(parts.kept))  # [N, R, K]
         alpha = quantile_targets(corr, parts, self.eps)
         return parts.reduction(merge_self_preserving_(step.hidden_of(parts.kept), step.hidden_of(parts.dropped), alpha))
