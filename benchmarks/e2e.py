@@ -1,8 +1,9 @@
 """End-to-end captioning speed and KV memory of every method against the limit its cuts allow.
 
 The prefill benchmark's model and batch (benchmarks/prefill.py: random-weight LLaVA-1.5-like shapes, batch 4, ~40
-text tokens, bf16), now generating exactly 60 tokens, with 16 LLM layers instead of 10 so that ST3's pruning layers
-(every 4th of 32 from layer 2, relative to depth) stay distinct and evenly spaced. For each method at 576 / 192 / 128 / 64 visual tokens: total,
+text tokens, bf16), now generating exactly 60 tokens, with 12 LLM layers instead of 10 so that ST3's pruning layers
+(every 4th of 32 from layer 2, relative to depth) land on every 2nd layer, while FastV's and FiCoCo-L's pruning layers
+(2 and 3 of 32) still round to layer 1, where 64 tokens are reachable. For each method at 576 / 192 / 128 / 64 visual tokens: total,
 prefill and decode seconds, speed-up over `none`, peak KV bytes as a share of `none`'s, and the **limit**: the
 end-to-end speed-up if `none`'s prefill shrank by the method's FLOPs ratio (vision tower + projector + LLM prefill,
 reducers.accounting) and each of its decode steps by the method's bytes ratio (weights + KV cache read per step;
@@ -175,8 +176,9 @@ def run(spec: TinySpec, dtype: torch.dtype, device: str, rows: int, repeats: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared_arguments(parser, repeats=1)
-    parser.add_argument("--llm-layers", type=int, default=16,
-                        help="LLM depth on CPU; default 16: ST3's every-4th-of-32 pruning layers then land on every 2nd")
+    parser.add_argument("--llm-layers", type=int, default=12,
+                        help="LLM depth on CPU; default 12: ST3's every-4th-of-32 pruning layers then land on every 2nd, "
+                             "and FiCoCo-L's layer 3 of 32 on layer 1 (64 of 576 reachable)")
     args = parser.parse_args()
     spec, dtype, device_name = setup(args)
     if not args.llava_7b:
