@@ -1,8 +1,9 @@
-"""Attention-derived token scores, computed from captured q / k in cache-sized blocks of query rows (fp32 softmax).
+"""Attention-derived token scores from captured q / k (the model's own attention stays SDPA: no weights come out).
 
-The model's own attention stays SDPA (no attention weights come out of it); a site asks only for the
-rows it needs (CLS, the last text token, the candidates, the text) and gets head-averaged softmax
-probabilities A[row, key] over the keys that row may attend to (real tokens; causal in the LLM).
+Two shapes of read: whole rows for the few query rows that need every key (`attention_rows`: CLS, the last prompt
+token; head-averaged softmax in cache-sized blocks, fp32), and blocks A[rows, cols] (`attention_block`): each row's
+softmax normaliser (per-head log-sum-exp; from the site layer's own SDPA kernel when the runtime has it), then the
+block's logits only. Keys a row may not attend (padding; later tokens in the LLM) get 0.
 """
 from __future__ import annotations
 
