@@ -45,7 +45,7 @@ def attention_block(step: Step, rows: Tensor, cols: Tensor) -> Tensor:
     0 where a row may not attend the key. Logits as in `query_attention` (bf16 products for a bf16 model)."""
     n, h, _, d = step.q.shape
     h_kv, r, c = step.k.shape[1], rows.shape[1], cols.shape[1]
-    dtype = torch.bfloat16 if step.q.dtype == torch.bfloat16 else torch.float32
+    dtype = _logit_dtype(step.q)
     lse = row_logsumexp(step, rows)  # [N, H, R]
     queries, keys = _rows_of(step.q, rows), _rows_of(step.k, cols)  # [N, R, H, d], [N, C, Hkv, d]
     out = torch.empty(n, r, c, device=rows.device)
@@ -129,7 +129,7 @@ def _logit_blocks(q: Tensor, k: Tensor, allowed: Tensor | None):
     s = k.shape[2]
     if r * s == 0:
         return
-    dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    dtype = _logit_dtype(q)
     q = q.to(dtype)  # read in place: a product takes strided query rows at full speed (not strided keys)
     group = h // k.shape[1]  # grouped-query attention: `group` query heads share each key head
     k = k if k.dtype == dtype and k.is_contiguous() else _contiguous(k, dtype)  # [N, Hkv, S, d]
@@ -156,6 +156,12 @@ def _logit_blocks(q: Tensor, k: Tensor, allowed: Tensor | None):
             if as_fp32 is not None:
                 part = as_fp32[:part.numel()].view(shape).copy_(part)
             yield nb, top, end, keys, part
+
+
+def _logit_dtype(q: Tensor) -> torch.dtype:
+    """bf16 products for a bf16 model (fp32 accumulation, rounded once: about the rounding its q / k already carry),
+    fp32 for any other."""
+    return torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
 
 
 def _row_blocks(allowed: Tensor | None, r: int, s: int, size: int) -> list[tuple[int, int, int]]:
