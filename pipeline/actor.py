@@ -100,7 +100,7 @@ class ModelActor:
         start = time.perf_counter()
         live = [i for i, r in enumerate(rows) if r["error"] is None]
         per_row: dict[int, dict[str, Any]] = {}
-        cost = ZERO_COST
+        cost = unreduced = ZERO_COST
         if live:
             inputs = collate([unpack(rows[i]["inputs"]) for i in live], self.processor.tokenizer.pad_token_id)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -110,6 +110,7 @@ class ModelActor:
             new = ids[:, inputs["input_ids"].shape[1]:].cpu()                        # [B, T]
             stats = self.attachment.stats
             cost = reducers.accounting.batch_cost(self.model.config, stats)
+            unreduced = reducers.accounting.unreduced_cost(self.model.config, stats)
             texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
             for b, i in enumerate(live):
                 per_row[i] = {"text": texts[b].strip(), "visual_tokens_in": stats["visual_tokens_in"][b],
@@ -123,7 +124,7 @@ class ModelActor:
         results = [{"id": r["id"], "shard": r["shard"], "shard_rows": r["shard_rows"], "question": r["question"],
                     "error": r["error"], "model": self.config.model, "reducer": self.config.reducer,
                     "batch_id": batch_id, **per_row.get(i, {})} for i, r in enumerate(rows)]
-        results[0]["cost"] = json.dumps(self._ledger_row(batch_id, results, cost, wall))
+        results[0]["cost"] = json.dumps(self._ledger_row(batch_id, results, cost, unreduced, wall))
         return results
 
     def _generated_tokens(self, new_ids: list[int]) -> int:
@@ -134,7 +135,7 @@ class ModelActor:
         return len(new_ids)
 
     def _ledger_row(self, batch_id: str, results: list[dict[str, Any]], cost: reducers.accounting.Cost,
-                    wall: float) -> dict[str, Any]:
+                    unreduced: reducers.accounting.Cost, wall: float) -> dict[str, Any]:
         def total(name: str) -> float:
             return sum(r.get(name) or 0 for r in results)
 
@@ -148,5 +149,6 @@ class ModelActor:
                 "prompt_tokens": int(total("prompt_tokens")), "generated_tokens": int(total("generated_tokens")),
                 **{k: spent[k] for k in ("flops_vision", "flops_projector", "flops_prefill", "flops_decode",
                                          "flops_total", "kv_bytes_peak")},
+                "flops_total_unreduced": unreduced.flops_total,
                 "wall_s": wall, "device": self.device, "device_seconds": device_seconds,
                 "cost_usd": device_seconds / 3600 * self.config.price_per_gpu_hour}

@@ -142,7 +142,10 @@ def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
         "seconds": seconds, "images_per_s": rows / seconds if seconds else 0.0,
         "device_seconds": device_seconds, "cost_usd": cost,
         "cost_per_1000_images": 1000 * cost / rows if rows else 0.0,
-        "flops_total": sum(c["flops_total"] for c in ledger), "settings": config.settings(),
+        "flops_total": sum(c["flops_total"] for c in ledger),
+        "flops_total_unreduced": sum(c["flops_total_unreduced"] for c in ledger),
+        "visual_tokens_in": sum(c["visual_tokens_in"] for c in ledger),
+        "visual_tokens_kept": sum(c["visual_tokens_kept"] for c in ledger), "settings": config.settings(),
     }
     job.sink.write_summary(summary)
     return summary
@@ -155,7 +158,23 @@ def main(task: str, argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{task}.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"{summary['rows_this_run']} rows ({summary['errors_this_run']} errors) in {summary['seconds']:.1f} s, "
-          f"{summary['images_per_s']:.2f} images/s; output has {summary['rows']} rows; "
-          f"summary: {summary['settings']['output'].rstrip('/')}/summary.json")
+    print(report(summary))
     return 0
+
+
+def report(summary: dict[str, Any]) -> str:
+    """What a person reads at the end of a job: where the results are, what the reduction kept and saved."""
+    settings, output = summary["settings"], summary["settings"]["output"].rstrip("/")
+    lines = [f"{summary['rows_this_run']} images ({summary['errors_this_run']} errors) in {summary['seconds']:.1f} s, "
+             f"{summary['images_per_s']:.2f} images/s -> {output}/results/ (the output now holds {summary['rows']} "
+             f"rows; summary: {output}/summary.json)"]
+    if summary["visual_tokens_in"]:
+        budget = {k: settings[k] for k in ("visual_tokens", "ratio") if settings[k] is not None}
+        method = settings["reducer"] + "".join(f" at {k.replace('_', ' ')} {v}" for k, v in budget.items())
+        kept, seen = summary["visual_tokens_kept"], summary["visual_tokens_in"]
+        lines.append(f"{method}: {seen} visual tokens in, {kept:.0f} kept ({100 * kept / seen:.1f} %, layer-averaged)")
+        saved = summary["flops_total"] / summary["flops_total_unreduced"]
+        lines.append(f"FLOPs {summary['flops_total']:.3g} against {summary['flops_total_unreduced']:.3g} with none "
+                     f"({saved:.2f}x); cost ${summary['cost_usd']:.4g} against ~${summary['cost_usd'] / saved:.4g} with "
+                     f"none (priced by FLOPs; at --price-per-gpu-hour {settings['price_per_gpu_hour']})")
+    return "\n".join(lines)

@@ -33,6 +33,7 @@ COST_SCHEMA = pa.schema([
     ("visual_tokens_in", pa.int64()), ("visual_tokens_kept", pa.float64()), ("prompt_tokens", pa.int64()),
     ("generated_tokens", pa.int64()), ("flops_vision", pa.int64()), ("flops_projector", pa.int64()),
     ("flops_prefill", pa.int64()), ("flops_decode", pa.int64()), ("flops_total", pa.int64()),
+    ("flops_total_unreduced", pa.int64()),  # what the batch would have cost with `none` (accounting.unreduced_cost)
     ("kv_bytes_peak", pa.int64()), ("wall_s", pa.float64()), ("device", pa.string()),
     ("device_seconds", pa.float64()), ("cost_usd", pa.float64()),
 ])

@@ -273,3 +273,16 @@ def batch_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any], 
     return Cost(flops_vision=flops_vision, flops_projector=flops_projector, flops_prefill=flops_prefill,
                 flops_decode=flops_decode, flops_total=flops_vision + flops_projector + flops_prefill + flops_decode,
                 kv_bytes_peak=kv_peak)
+
+
+def unreduced_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any], stats: Mapping[str, Any]) -> Cost:
+    """What the batch of `stats` would have cost with `none`, priced without running it: every visual token at every
+    tower and LLM layer and in every cache, the same prompts and the same number of decode steps."""
+    dims = model_dims(model_config)
+    steps = int(stats["decode_steps"])
+    prompt = [int(n) for n in stats["prompt_tokens"]]  # [B] real prompt tokens, every <image> placeholder included
+    full_tower = int(stats["num_crops"]) * (dims.vision.patches_per_crop + 1)  # patches + CLS of every crop
+    return batch_cost(model_config, {
+        **stats, "vision_tokens_per_layer": [full_tower] * dims.vision.layers,
+        "tokens_per_layer": [prompt] * dims.text.layers, "kv_entries_prefill": [prompt] * dims.text.layers,
+        "kv_entries_end": [[n + steps for n in prompt]] * dims.text.layers})

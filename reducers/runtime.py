@@ -22,12 +22,15 @@ import dataclasses
 import functools
 import inspect
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import transformers
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -39,6 +42,73 @@ from .scores import query_attention
 from .shape import ModelShape
 from .stages import gather_rows, pack, scatter_rows
 from .step import Reduction, Step
+
+
+# ------------------------------------------------------------------ transformers versions
+# The runtime reads transformers' forward arguments, so a release that renames one would make it silently wrong.
+# It reads what changed between the tested releases under every name they use, checks the rest when it attaches, and
+# raises `IncompatibleTransformers` where a forward does not look as expected, rather than generating.
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+# generate hands the model its KV cache as `cache=` from 5.24 on (`past_key_values=`, deprecated until 5.40, before)
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+class IncompatibleTransformers(RuntimeError):
+    """transformers (or the model) behaves differently from what the runtime was built for: nothing is generated."""
+
+    def __init__(self, expected: str, seen: str):
+        super().__init__(f"trimlens runtime expected {expected}, but saw {seen}. transformers "
+                         f"{transformers.__version__} is installed; trimlens is tested with "
+                         f"{' and '.join(TESTED_TRANSFORMERS)} (the versions in requirements.lock)")
+
+
+def _cache_name(fn: Callable, what: str) -> str:
+    """The name under which `fn` takes the KV cache."""
+    params = inspect.signature(fn).parameters  # follows the deprecation wrappers to the real signature
+    for name in CACHE_NAMES:
+        if name in params:
+            return name
+    raise IncompatibleTransformers(f"{what} to take the KV cache as one of {CACHE_NAMES}",
+                                   f"the parameters {list(params)}")
+
+
+def _cache_in(kwargs: dict, where: str) -> Cache | None:
+    """The KV cache passed to a forward under either name; a Cache under any other name is an error."""
+    stray = [name for name, value in kwargs.items() if isinstance(value, Cache) and name not in CACHE_NAMES]
+    if stray:
+        raise IncompatibleTransformers(f"the KV cache of {where} as one of {CACHE_NAMES}", f"it passed as `{stray[0]}`")
+    return next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def cache_of_output(output) -> Cache | None:
+    """The KV cache a model output returns (its field was renamed with the argument)."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    for name in CACHE_NAMES:
+        if name in fields:
+            return getattr(output, name)
+    raise IncompatibleTransformers(f"the language model's output to hold the KV cache as one of {CACHE_NAMES}",
+                                   f"{type(output).__name__} with fields {list(fields)}")
+
+
+def _check_model_calls(base: nn.Module) -> None:
+    """The forward signatures the hooks rely on, checked once when a method attaches."""
+    lm, tower = base.language_model, base.vision_tower
+    needs = [(base.forward, "pixel_values"), (base.get_image_features, "pixel_values"),
+             (lm.layers[0].forward, "position_embeddings"), (lm.layers[0].self_attn.forward, "position_embeddings")]
+    for fn, name in needs:
+        if name not in inspect.signature(fn).parameters:
+            raise IncompatibleTransformers(f"{fn.__qualname__} to take `{name}`",
+                                           f"the parameters {list(inspect.signature(fn).parameters)}")
+    for fn in (lm.forward, lm.layers[0].forward, lm.layers[0].self_attn.forward):
+        _cache_name(fn, fn.__qualname__)
+    positional = list(inspect.signature(tower.encoder.layers[0].forward).parameters)[:2]
+    if positional != ["hidden_states", "attention_mask"]:  # the tower's key mask is passed positionally
+        raise IncompatibleTransformers("the vision encoder layers to take (hidden_states, attention_mask, ...)",
+                                       f"{positional}")
+    if transformers.__version__ not in TESTED_TRANSFORMERS:
+        warnings.warn(f"trimlens is tested with transformers {' and '.join(TESTED_TRANSFORMERS)}, not "
+                      f"{transformers.__version__}: the runtime checks what it reads and raises if it changed",
+                      stacklevel=3)
 
 
 SDPA_WITH_LSE = "trimlens_sdpa"  # the vision tower's attention implementation while vision sites are attached
@@ -119,6 +189,7 @@ class Tower:
 class Pass:
     """State of one generate call (or one plain forward), from prefill to the last decode step."""
     image_mask: Tensor                  # [B, S_in] <image> placeholders of the prompt
+    pixels: bool = False                # the forward was given pixel_values
     images: Images | None = None
     llm_keep: dict[int, Tensor] = field(default_factory=dict)  # LLM site -> [B] visual tokens kept from there on
     kv: list[Layout] = field(default_factory=list)  # per LLM layer: what its cache holds
@@ -149,6 +220,11 @@ class Runtime:
         self.vision_sites = method.vision_sites(self.shape) if method.vision_share > 0 else []
         self.llm_sites = method.llm_sites(self.shape)
         self.evicts = type(method).decode_keep is not Method.decode_keep
+        # `none` only observes: no hook of its changes an argument, so it cannot change the model's outputs
+        self.observes_only = not (self.vision_sites or self.llm_sites or self.evicts)
+        _check_model_calls(self.base)
+        self.mask_cache_arg = _cache_name(create_causal_mask, "create_causal_mask")
+        self.generating = False  # inside a generate call: every forward after its prefill must be a decode step
         self.pass_: Pass | None = None
         self.images: Images | None = None  # set by the tower run, taken by the next prefill
         self.tower: Tower | None = None
@@ -162,6 +238,7 @@ class Runtime:
     def _install(self) -> None:
         add = self._handles.append
         self._wrap_image_features()
+        self._wrap_generate()
         add(self.base.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
         add(self.base.register_forward_hook(self._end_forward))
         add(self.lm.register_forward_pre_hook(self._enter_llm, with_kwargs=True))
@@ -211,7 +288,7 @@ class Runtime:
         """After layer `layer`'s attention: add what its newest query paid each cached entry (for eviction)."""
         def hook(module, args, kwargs, output):
             p = self.pass_
-            cache = kwargs.get("past_key_values")
+            cache = _cache_in(kwargs, "a decoder layer's attention")
             if p is None or cache is None or not p.evicting:
                 return None
             rows = p.kv[layer].valid.shape[0]
@@ -238,24 +315,49 @@ class Runtime:
             return output
         self.base.get_image_features = get_image_features
 
+    def _wrap_generate(self) -> None:
+        """Mark the span of a generate call (per instance): its first forward is the prefill, every later one must
+        arrive as a decode step with the cache the prefill filled."""
+        original = self.model.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            if kwargs.get("use_cache") is False:
+                raise ValueError("trimlens reducers need generate's KV cache: leave use_cache at its default (True)")
+            self.generating, self.pass_ = True, None
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.generating = False
+        self.model.generate = generate
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        del self.base.get_image_features  # back to the class's method
+        del self.base.get_image_features, self.model.generate  # back to the class's methods
         self.pass_ = self.images = self.tower = None
 
     # ------------------------------------------------------- whole forward
 
     def _begin_forward(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = _cache_in(kwargs, "the model's forward")
         if cache is None or cache.get_seq_length() == 0:
+            if self.generating and self.pass_ is not None:
+                raise IncompatibleTransformers(
+                    "each forward of generate after the prefill to be a decode step carrying the KV cache",
+                    f"forward {self.pass_.forward + 1} with {'no' if cache is None else 'an empty'} cache "
+                    f"(its arguments: {sorted(k for k, v in kwargs.items() if v is not None)})")
             input_ids = kwargs.get("input_ids", args[0] if args else None)  # LLaVA-NeXT passes it positionally
             if input_ids is None:
                 raise ValueError("trimlens reducers need input_ids (with the <image> placeholders), not inputs_embeds")
             self.pass_ = self._new_pass(input_ids, kwargs.get("attention_mask"))
-        elif self.pass_ is None:
+            self.pass_.pixels = kwargs.get("pixel_values") is not None
+        elif self.pass_ is None or self.pass_.prefill:
             raise RuntimeError("a decode step arrived without its prefill; attach before calling generate")
+        elif cache.get_seq_length() != self.pass_.kv[0].valid.shape[1]:
+            raise IncompatibleTransformers(f"the cache of LLM layer 0 to hold the {self.pass_.kv[0].valid.shape[1]} "
+                                           "entries the runtime laid out", f"{cache.get_seq_length()} entries")
         self.pass_.forward += 1
         self.pass_.timer = _now(module)
 
@@ -280,7 +382,12 @@ class Runtime:
         """Bind the images the tower just ran on to the prompt's rows; set the LLM sites' keep counts."""
         p, images = self.pass_, self.images
         self.images = None
-        if images is None or not image_mask.any():
+        if images is None and bool(image_mask.any()):
+            raise IncompatibleTransformers(
+                f"the vision tower to run through get_image_features on the images of the prompt's "
+                f"{int(image_mask.sum())} <image> placeholders", "no image located in this forward"
+                + ("" if p.pixels else " (it was given no pixel_values)"))
+        if images is None:
             return
         if int(images.full.sum()) != int(image_mask.sum()):
             raise ValueError(f"the prompt has {int(image_mask.sum())} <image> placeholders but the images need "
@@ -357,7 +464,8 @@ class Runtime:
     def _enter_tower(self, module, args):
         crops, images = args[0].shape[0], self.images
         if images is None or images.crop_keep.shape[0] != crops:
-            raise RuntimeError("the vision tower ran outside get_image_features; trimlens cannot place its crops")
+            raise IncompatibleTransformers("the vision tower to run inside get_image_features, which places its crops",
+                                           "the tower running outside get_image_features")
         eligible = images.crop_eligible.sum(1)
         slots = torch.arange(-1, self.shape.patches, device=args[0].device).expand(crops, -1)
         self.tower = Tower(slots=slots,
@@ -430,12 +538,12 @@ class Runtime:
     # -------------------------------------------------------------- LLM input
 
     def _enter_llm(self, module, args, kwargs):
-        p = self.pass_
-        if p.prefill:
-            self._prepare_prefill(kwargs)
+        seen = dict(kwargs) if self.observes_only else kwargs  # `none` lays out a copy and hands nothing back
+        if self.pass_.prefill:
+            self._prepare_prefill(seen)
         else:
-            self._prepare_decode(kwargs)
-        return args, kwargs
+            self._prepare_decode(seen)
+        return None if self.observes_only else (args, kwargs)
 
     def _prepare_prefill(self, kwargs) -> None:
         p = self.pass_
@@ -495,12 +603,13 @@ class Runtime:
         else:
             p.stats["decode_steps"] = p.step
         self._note_kv_bytes()
-        if self.evicts and output.past_key_values is not None:  # a forward without a cache has nothing to evict
+        cache = cache_of_output(output)
+        if self.evicts and cache is not None:  # a forward without a cache has nothing to evict
             allowed = self.method.decode_keep(p.step + 1, p.after_prefill_visual)
             p.evicting = allowed is not None
             if p.evicting:
                 for layer in range(self.shape.llm_layers):
-                    self._evict(layer, allowed[layer], output.past_key_values)
+                    self._evict(layer, allowed[layer], cache)
         p.stats["kv_entries_end"] = [layout.valid.sum(1).tolist() for layout in p.kv]
         p.stats["kv_entries_per_step"].append(p.stats["kv_entries_end"])
         p.stats["visual_entries_per_step"].append([layout.visual.sum(1).tolist() for layout in p.kv])
@@ -568,8 +677,9 @@ class Runtime:
         if layout is p.input_layout:
             return (hidden, *args[1:]), kwargs
         if layout.mask_forward != p.forward:
+            cache = {self.mask_cache_arg: _cache_in(kwargs, "a decoder layer")}
             layout.mask = create_causal_mask(config=self.lm.config, inputs_embeds=hidden, attention_mask=layout.valid,
-                                             past_key_values=kwargs.get("past_key_values"), layer_idx=layer)
+                                             layer_idx=layer, **cache)
             layout.mask_forward = p.forward
         kwargs["attention_mask"] = layout.mask
         if p.prefill:
@@ -600,7 +710,7 @@ class Runtime:
                        positions=before.positions.gather(1, index),
                        rope=(gather_rows(cos, index), gather_rows(sin, index)))
         p.kv[layer:] = p.processed[layer:] = [after] * (self.shape.llm_layers - layer)
-        cache = kwargs.get("past_key_values")
+        cache = _cache_in(kwargs, "a decoder layer")
         if self.method.prune_cache_before and cache is not None:
             self._note_kv_bytes()  # the earlier layers held everything until now
             for earlier in range(layer):

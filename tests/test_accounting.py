@@ -26,7 +26,7 @@ from benchmarks.cost_table import markdown_table, prefill_cost
 from conftest import SPECS, get_tiny, prompts_for, sample_images
 from reducers.accounting import (CONFIG_DIR, Cost, batch_cost, decode_flops, decode_step_flops, decoder_layer_flops,
                                  kv_bytes, lm_head_flops, model_dims, prefill_flops, projector_flops,
-                                 reference_config, vision_layer_flops, vision_tower_flops)
+                                 reference_config, unreduced_cost, vision_layer_flops, vision_tower_flops)
 from reducers.tiny import build_model, build_processor
 
 TOLERANCE = 0.005
@@ -209,6 +209,22 @@ def test_batch_cost_matches_runtime(family: str, method: str, budget: int):
     # The reduction shows in the price: below the same prompt with every visual token at every layer.
     layers = len(stats["tokens_per_layer"])
     assert cost.flops_prefill < prefill_flops(model_dims(t.model.config).text, [stats["prompt_tokens"][0]] * layers)
+
+
+@pytest.mark.parametrize("family,method", [("llava", "fastv"), ("next", "visionzip"), ("llava", "st3")])
+def test_unreduced_cost_prices_the_same_batch_run_with_none(family: str, method: str):
+    """What a reduction saved, priced from its own stats, equals the cost of really running `none` on the batch."""
+    t = get_tiny(family)
+
+    def stats_of(name: str, **budget) -> dict:
+        with reducers.attach(t.model, name, **budget) as att, torch.inference_mode():
+            t.model.generate(**t.inputs(), min_new_tokens=4, max_new_tokens=4, do_sample=False)
+            return att.stats
+
+    reduced, unreduced = stats_of(method, ratio=0.25), stats_of("none")
+    assert unreduced_cost(t.model.config, reduced) == unreduced_cost(t.model.config, unreduced) \
+        == batch_cost(t.model.config, unreduced)
+    assert batch_cost(t.model.config, reduced).flops_total < unreduced_cost(t.model.config, reduced).flops_total
 
 
 def test_batch_cost_sums_rows_without_padding():

@@ -12,7 +12,7 @@ import ray
 
 from pipeline.config import JobConfig, parse_args
 from pipeline.job import main, run
-from pipeline.scenes import NUMBERS, caption_scores, f1, generate_scene
+from pipeline.scenes import NUMBERS
 from pipeline_data import bad_images, good_images, odd_images, save_test_model, write_parquet_shard, write_tar_shard
 
 
@@ -54,7 +54,7 @@ def _tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def test_caption_job_outputs_ledger_and_summary(local_ray, inputs, capsys):
     out = inputs["root"] / "out-caption"
     assert main("caption", _args(inputs, "parquet", out, "--reducer", "fastv", "--visual-tokens", "32")) == 0
-    assert "12 rows (3 errors)" in capsys.readouterr().out
+    assert "12 images (3 errors)" in capsys.readouterr().out
     results, costs = _tables(out)
     # every input id exactly once; the unreadable ones with an error, the odd ones captioned
     assert sorted(results["id"]) == inputs["ids"] and results["id"].is_unique
@@ -112,17 +112,6 @@ def test_resume_skips_finished_shards_and_cleans_a_half_written_one(local_ray, i
     fresh = run(parse_args("caption", [*args, "--overwrite"]))
     assert (fresh["rows_this_run"], fresh["shards_skipped"]) == (12, 0)
     assert finished.stat().st_mtime_ns != before
-
-
-def test_the_default_job_captions_the_bundled_samples_with_the_bundled_model(local_ray, tmp_path):
-    """What `make demo` runs: the shipped reference model on the shipped sample scenes, whose ground truth the
-    scene generator gives back from the seed in each file name."""
-    assert main("caption", ["--output", str(tmp_path / "out")]) == 0
-    results = pd.read_parquet(tmp_path / "out" / "results")
-    assert len(results) == 6 and results["error"].isna().all()
-    scores = [f1(*caption_scores(text, generate_scene(int(name.split("-")[1].split(".")[0]))))
-              for name, text in zip(results["id"], results["text"])]
-    assert sum(scores) / len(scores) >= 0.8, list(zip(results["text"], scores))
 
 
 def test_a_question_outside_the_bundled_vocabulary_becomes_an_error_row(local_ray, tmp_path):

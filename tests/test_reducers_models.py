@@ -10,7 +10,7 @@ import torch
 
 import reducers
 from conftest import get_tiny
-from reducers.runtime import SDPA_WITH_LSE
+from reducers.runtime import SDPA_WITH_LSE, cache_of_output
 from reducers.shape import ModelShape
 
 METHODS = reducers.available()
@@ -67,7 +67,7 @@ def no_hooks_left(model) -> bool:
     hooks = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
     capture_only = all(getattr(h, "__name__", "") == "output_capturing_hook"
                        for m in hooks for h in m._forward_hooks.values()) and not any(m._forward_pre_hooks for m in hooks)
-    return capture_only and "get_image_features" not in vars(model.model)
+    return capture_only and "get_image_features" not in vars(model.model) and "generate" not in vars(model)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -77,13 +77,19 @@ def test_full_budget_reproduces_the_unpatched_model(method, family, dtype):
     tiny = get_tiny(family, dtype)
     ref = reference(tiny)
     full = {} if method == "none" else {"ratio": 1.0}
+    inputs = tiny.inputs()
     with reducers.attach(tiny.model, method, **full) as att:
-        out = generate(tiny.model, tiny.inputs())
+        out = generate(tiny.model, inputs)
         assert tiny.model.config.text_config._attn_implementation == "sdpa"
     assert torch.equal(out.sequences, ref.sequences)
     for step_logits, ref_logits in zip(out.logits, ref.logits):
         assert torch.equal(step_logits, ref_logits)
-    assert att.stats["visual_tokens_avg"] == [float(n) for n in att.stats["visual_tokens_in"]]
+    # the runtime saw one prefill of every placeholder, then every decode step as one (not as new prefills)
+    placeholders = (inputs["input_ids"] == tiny.model.config.image_token_id).sum(1).tolist()
+    assert att.stats["visual_tokens_in"] == att.stats["visual_tokens_budget"] == placeholders
+    assert att.stats["prompt_tokens"] == inputs["attention_mask"].sum(1).tolist()
+    assert att.stats["decode_steps"] == NEW_TOKENS - 1
+    assert att.stats["visual_tokens_avg"] == [float(n) for n in placeholders]
 
 
 class LayerCounter:
@@ -166,7 +172,7 @@ def test_kv_cache_after_prefill_holds_the_tokens_each_layer_kept(method, family)
         counter = LayerCounter(tiny.model)
         try:
             with torch.inference_mode():
-                cache = tiny.model(**tiny.inputs(), use_cache=True).past_key_values
+                cache = cache_of_output(tiny.model(**tiny.inputs(), use_cache=True))
         finally:
             counter.remove()
         stats = dict(att.stats)

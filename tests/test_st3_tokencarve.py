@@ -15,7 +15,7 @@ import torch
 
 import reducers
 from conftest import get_tiny, small_model_and_batch
-from reducers.runtime import _compact_cache
+from reducers.runtime import _compact_cache, cache_of_output
 from reducers.shape import ModelShape
 from reducers.spectral import information_score
 from reducers.tiny import TinySpec
@@ -137,7 +137,7 @@ def test_st3_visual_entries_follow_the_annealing_curve_and_leave_the_cache(st3_r
     assert (end - generated < prefill)[has_visual].all() and has_visual.sum() > 0
     assert (end - generated == prefill - (after_prefill - per_step[-1])).all()
     # the entries really left the cache tensors: each layer is as wide as its fullest row
-    for layer, cached in enumerate(out.past_key_values.layers):
+    for layer, cached in enumerate(cache_of_output(out).layers):
         assert cached.keys.shape[2] == max(stats["kv_entries_end"][layer])
 
 
@@ -262,15 +262,15 @@ def test_tokencarve_cuts_the_caches_of_earlier_layers_to_the_kept_tokens():
         carved = generate(tiny.model, batch)
     with reducers.attach(tiny.model, "tokencarve", visual_tokens=64, prune_cache_before=False):
         kept_before = generate(tiny.model, batch)
-    widths = [layer.keys.shape[2] for layer in carved.past_key_values.layers]
-    assert widths[0] == widths[1] == widths[site] < full.past_key_values.layers[0].keys.shape[2]
+    widths = [layer.keys.shape[2] for layer in cache_of_output(carved).layers]
+    assert widths[0] == widths[1] == widths[site] < cache_of_output(full).layers[0].keys.shape[2]
     assert att.stats["kv_entries_end"][0] == att.stats["kv_entries_end"][site]
-    assert [layer.keys.shape[2] for layer in kept_before.past_key_values.layers[:site]] == \
-        [full.past_key_values.layers[0].keys.shape[2]] * site
+    assert [layer.keys.shape[2] for layer in cache_of_output(kept_before).layers[:site]] == \
+        [cache_of_output(full).layers[0].keys.shape[2]] * site
     # every entry left in an earlier layer is that layer's original entry for a token (merged tokens included):
     # layer 0's keys depend only on the embeddings, so they match the unreduced run's exactly
     for layer in range(site):
-        for kept, original in zip(cached_keys(carved.past_key_values, layer), cached_keys(full.past_key_values, layer)):
+        for kept, original in zip(cached_keys(cache_of_output(carved), layer), cached_keys(cache_of_output(full), layer)):
             matches = (kept[:, None, :] == original[None, :, :]).all(-1).any(1)  # [S_kept]
             assert matches.sum() >= kept.shape[0] - NEW_TOKENS  # all but the generated tokens' entries
 
