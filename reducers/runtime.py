@@ -48,7 +48,7 @@ from .step import Reduction, Step
 # The runtime reads transformers' forward arguments, so a release that renames one would make it silently wrong.
 # It reads what changed between the tested releases under every name they use, checks the rest when it attaches, and
 # raises `IncompatibleTransformers` where a forward does not look as expected, rather than generating.
-TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0", "5.25.0")
 # generate hands the model its KV cache as `cache=` from 5.24 on (`past_key_values=`, deprecated until 5.40, before)
 CACHE_NAMES = ("cache", "past_key_values")
 
