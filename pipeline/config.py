@@ -98,7 +98,11 @@ class JobConfig:
 
     def budget(self) -> dict[str, Any]:
         """The budget arguments of reducers.attach / reducers.validate that the job sets."""
-        return {k: v for k, v in (("visual_tokens", self.visual_tokens), ("ratio", self.ratio)) if v is not None}
+        return self.configuration().budget()
+
+    def configuration(self) -> "Configuration":
+        """The job's one reduction setting (the planner runs several; see pipeline/planner.py)."""
+        return Configuration(self.reducer, self.visual_tokens, self.ratio)
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready copy of every setting (for summary.json)."""
@@ -139,17 +143,11 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}") from None
 
 
-def build_parser(task: str) -> argparse.ArgumentParser:
-    """Flags for every JobConfig option. Defaults are SUPPRESSed so only flags the user typed override the file."""
-    defaults = JobConfig()
-    parser = argparse.ArgumentParser(
-        prog=f"{task}.py", argument_default=argparse.SUPPRESS,
-        description=f"trimlens {task} job: images from object storage through LLaVA with visual-token reduction; "
-                    "Parquet results + a per-batch cost ledger. Exit status 2: the job was refused before it started.")
-    parser.add_argument("--config", metavar="job.yaml", help="YAML or JSON file with the same settings "
-                        "(keys are the flag names, - or _); flags override it (default: none)")
-    budget = parser.add_mutually_exclusive_group()
-    for f in dataclasses.fields(JobConfig):
+def add_flags(parser: argparse.ArgumentParser, options: type, exclusive: tuple[str, ...] = ()) -> None:
+    """A flag per described field of the dataclass `options` (fields in `exclusive` exclude one another)."""
+    defaults = options()
+    either = parser.add_mutually_exclusive_group() if exclusive else None
+    for f in dataclasses.fields(options):
         if not f.metadata["flag"]:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -158,12 +156,24 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         help_text = f.metadata["help"]
         if "default:" not in help_text:
             help_text += f" (default: {shown})"
-        target = budget if f.name in ("visual_tokens", "ratio") else parser
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        target = either if f.name in exclusive else parser
         if f.type == "bool":
             target.add_argument(flag, action="store_true", help=help_text)
         else:
             choices = {"format": FORMATS, "dtype": DTYPES}.get(f.name)
             target.add_argument(flag, metavar=f.metadata["metavar"], choices=choices, help=help_text)
+
+
+def build_parser(task: str) -> argparse.ArgumentParser:
+    """Flags for every JobConfig option. Defaults are SUPPRESSed so only flags the user typed override the file."""
+    parser = argparse.ArgumentParser(
+        prog=f"{task}.py", argument_default=argparse.SUPPRESS,
+        description=f"trimlens {task} job: images from object storage through LLaVA with visual-token reduction; "
+                    "Parquet results + a per-batch cost ledger. Exit status 2: the job was refused before it started.")
+    parser.add_argument("--config", metavar="job.yaml", help="YAML or JSON file with the same settings "
+                        "(keys are the flag names, - or _); flags override it (default: none)")
+    add_flags(parser, JobConfig, exclusive=("visual_tokens", "ratio"))
     return parser
 
 
@@ -181,7 +191,11 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def parse_args(task: str, argv: list[str] | None = None) -> JobConfig:
     """Flags (and the --config file they name) -> a validated JobConfig for `task`. Raises ConfigError."""
-    flags = vars(build_parser(task).parse_args(argv))
+    return job_config(task, vars(build_parser(task).parse_args(argv)))
+
+
+def job_config(task: str, flags: dict[str, Any]) -> JobConfig:
+    """Parsed flags (and the --config file they name) -> a validated JobConfig. Raises ConfigError."""
     settings = load_config_file(flags.pop("config")) if "config" in flags else {}
     settings.update(flags)
     known = {f.name for f in dataclasses.fields(JobConfig) if f.metadata["flag"]}
@@ -191,3 +205,20 @@ def parse_args(task: str, argv: list[str] | None = None) -> JobConfig:
     config = JobConfig(task=task, **{k: _coerce(k, v) for k, v in settings.items()})
     config.validate()
     return config
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One reduction setting a model actor runs: a method and its budget (none for `none`)."""
+    reducer: str
+    visual_tokens: int | None = None
+    ratio: float | None = None
+
+    def budget(self) -> dict[str, Any]:
+        """The budget arguments of reducers.attach / reducers.validate."""
+        return {k: v for k, v in (("visual_tokens", self.visual_tokens), ("ratio", self.ratio)) if v is not None}
+
+    @property
+    def label(self) -> str:
+        """e.g. `visionzip@ratio=0.33`, or `none`."""
+        return self.reducer + "".join(f"@{k}={v}" for k, v in self.budget().items())

@@ -16,7 +16,7 @@ import ray
 import ray.data
 
 from pipeline.bundled import BUNDLED_MODEL, default_prompts, resolve_model
-from pipeline.config import ConfigError, JobConfig, parse_args
+from pipeline.config import ConfigError, Configuration, JobConfig, parse_args
 from pipeline.decode import prepare
 from pipeline.progress import Progress
 from pipeline.sinks import ShardSink, shard_folder
@@ -95,14 +95,17 @@ def actor_resources(config: JobConfig, cluster_gpus: float) -> tuple[float, floa
     return gpus, cpus
 
 
-def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]) -> ray.data.Dataset:
+def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard],
+                  configurations: list[Configuration] | None = None) -> ray.data.Dataset:
+    """The job's stages; `configurations` (the planner's sweep) runs every row through each of them."""
     from pipeline.actor import ModelActor
 
     gpus, cpus = actor_resources(config, ray.cluster_resources().get("GPU", 0))
     lo, hi = config.actors
     return (ray.data.read_datasource(ShardSource(fs, pending, config))
             .map_batches(prepare, fn_kwargs={"config": config}, batch_size=config.batch_size, batch_format="pyarrow")
-            .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus},
+            .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus,
+                                                               "configurations": configurations},
                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=config.batch_size,
                          batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus))
 

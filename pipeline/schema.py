@@ -38,6 +38,8 @@ COST_SCHEMA = pa.schema([
     ("device_seconds", pa.float64()), ("cost_usd", pa.float64()),
 ])
 
-# actor.ModelActor -> driver: result rows with their shard's row count; the first row of each model batch also
-# carries that batch's ledger row as JSON (one table type through Ray Data instead of two outputs).
-OUTPUT_SCHEMA = RESULT_SCHEMA.append(pa.field("shard_rows", pa.int64())).append(pa.field("cost", pa.string()))
+# actor.ModelActor -> driver: result rows with their shard's row count and their configuration's label (the planner
+# runs several per row); the first row of each model batch also carries that batch's ledger row as JSON (one table
+# type through Ray Data instead of two outputs).
+OUTPUT_SCHEMA = (RESULT_SCHEMA.append(pa.field("shard_rows", pa.int64())).append(pa.field("configuration", pa.string()))
+                 .append(pa.field("cost", pa.string())))

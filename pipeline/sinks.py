@@ -94,6 +94,7 @@ class ShardSink:
             if count is not None:
                 self._expected[shard] = count
             cost = row.pop("cost")
+            row.pop("configuration")  # a job runs one; only the planner's sweep tells configurations apart
             if cost is not None:
                 self._costs[shard].append(json.loads(cost))
                 self.ledger.append(self._costs[shard][-1])
