@@ -1,6 +1,7 @@
 """The model actor: loads the model once, attaches the job's reducer, and turns prepared rows into result rows
 plus one ledger (cost) row per model batch. The planner gives it several configurations: each batch then runs
 through every one of them in turn (one model load for the whole sweep), each output row tagged with its own.
+With --audit-share, the audited rows of each batch also run unreduced (pipeline/audit.py).
 
 A model batch never mixes input shards, so every ledger row belongs to exactly one shard. Rows that failed
 upstream are passed through as error rows and counted in the ledger row of the batch they arrived in.
@@ -22,6 +23,7 @@ from transformers import AutoModelForImageTextToText
 
 import reducers
 import reducers.accounting
+from pipeline import audit
 from pipeline.bundled import resolve_model
 from pipeline.config import Configuration, JobConfig
 from pipeline.decode import load_processor, unpack
@@ -82,17 +84,27 @@ class ModelActor:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out: list[dict[str, Any]] = []
+        rows = batch.to_pylist()
+        share, seed = self.config.audit_share, self.config.audit_seed
+        # Audited rows first: the driver then holds them when the last result row completes their shard.
+        audited = [r for r in rows if share and r["error"] is None and audit.picked(seed, r["shard"], r["id"], share)]
+        out = self._run_through(audit.UNREDUCED, audited) if audited else []
         for configuration in self.configurations:
-            self._switch_to(configuration)
-            for _, same_shard in groupby(batch.to_pylist(), key=lambda r: r["shard"]):
-                rows = list(same_shard)
-                for start in range(0, len(rows), self.config.batch_size):
-                    out.extend(self._run(rows[start:start + self.config.batch_size]))
+            out.extend(self._run_through(configuration, rows))
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
+    def _run_through(self, configuration: Configuration, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`rows` through one configuration, in model batches that never mix shards."""
+        self._switch_to(configuration)
+        out: list[dict[str, Any]] = []
+        for _, same_shard in groupby(rows, key=lambda r: r["shard"]):
+            shard_rows = list(same_shard)
+            for start in range(0, len(shard_rows), self.config.batch_size):
+                out.extend(self._run(shard_rows[start:start + self.config.batch_size]))
+        return out
+
     def _switch_to(self, configuration: Configuration) -> None:
-        """Attach `configuration`'s reducer unless it is the one attached (a job's single one stays attached)."""
+        """Attach `configuration`'s reducer unless it is the one attached (a job without an audit keeps its one)."""
         if configuration != self.configuration:
             self.attachment.detach()
             self.attachment = reducers.attach(self.model, configuration.reducer, **configuration.budget())
@@ -164,4 +176,5 @@ class ModelActor:
                                          "flops_total", "kv_bytes_peak")},
                 "flops_total_unreduced": unreduced.flops_total,
                 "wall_s": wall, "device": self.device, "device_seconds": device_seconds,
-                "cost_usd": device_seconds / 3600 * self.config.price_per_gpu_hour}
+                "cost_usd": device_seconds / 3600 * self.config.price_per_gpu_hour,
+                "configuration": self.configuration.label}

@@ -65,6 +65,11 @@ class JobConfig:
                                               "small CPU-only machine still has a CPU left for reading)", "F")
     dtype: str = _opt("bf16", "model weights dtype", "{bf16,fp16,fp32}")
     price_per_gpu_hour: float = _opt(2.0, "USD per device-hour, for cost_usd in the ledger and the summary", "USD")
+    audit_share: float = _opt(0.0, "share of rows (0-1) also run through the unreduced model on the same actors, "
+                                   "picked by a hash of --audit-seed, shard and id; each one's agreement with the "
+                                   "unreduced output goes to OUTPUT/audit/, their mean and 95 % interval to "
+                                   "summary.json (default: 0, no audit)", "F")
+    audit_seed: int = _opt(0, "seed of the --audit-share pick", "S")
     overwrite: bool = _opt(False, "delete previous results/costs/summary under --output and start over "
                                   "(default: resume, skipping completed shards)")
     id_column: str = _opt("id", "Parquet input: column holding the row id", "NAME")
@@ -92,6 +97,10 @@ class JobConfig:
         lo, hi = self.actors
         if not 1 <= lo <= hi:
             raise ConfigError(f"--actors must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
+        if not 0 <= self.audit_share <= 1:
+            raise ConfigError(f"--audit-share must be in [0, 1], got {self.audit_share}")
+        if self.audit_share > 0 and self.reducer == "none":
+            raise ConfigError("--audit-share compares the reducer's output with none's; this job runs none already")
         for name in ("max_new_tokens", "batch_size", "images_per_shard"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import ray
 import ray.data
 
+from pipeline import audit
 from pipeline.bundled import BUNDLED_MODEL, default_prompts, resolve_model
 from pipeline.config import ConfigError, Configuration, JobConfig, parse_args
 from pipeline.decode import prepare
@@ -78,7 +79,7 @@ def plan(config: JobConfig) -> Plan:
     if shards[0].format == "parquet":
         check_parquet_columns(input_fs, shards[0], config)
     output_fs, output_root = open_uri(config.output)
-    sink = ShardSink(output_fs, output_root)
+    sink = ShardSink(output_fs, output_root, config.configuration().label, config.task)
     sink.check_writable(config.output)
     check_reducer(load_model_config(config.model), config)
     check_instruction(config)
@@ -134,9 +135,12 @@ def run(config: JobConfig) -> dict[str, Any]:
 
 def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
     done = job.sink.completed()
-    ledger, rows, errors = job.sink.ledger, job.sink.rows, job.sink.errors
-    device_seconds = sum(c["device_seconds"] for c in ledger)
-    cost = sum(c["cost_usd"] for c in ledger)
+    rows, errors = job.sink.rows, job.sink.errors
+    label = config.configuration().label
+    ledger = [c for c in job.sink.ledger if c["configuration"] == label]   # the job's own batches, not the audit's
+    audit_cost = sum(c["cost_usd"] for c in job.sink.ledger if c["configuration"] != label)
+    device_seconds = sum(c["device_seconds"] for c in job.sink.ledger)
+    cost = sum(c["cost_usd"] for c in job.sink.ledger)
     summary = {
         "rows": sum(d["rows"] for d in done.values()), "errors": sum(d["errors"] for d in done.values()),
         "rows_this_run": rows, "errors_this_run": errors,
@@ -150,6 +154,10 @@ def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
         "visual_tokens_in": sum(c["visual_tokens_in"] for c in ledger),
         "visual_tokens_kept": sum(c["visual_tokens_kept"] for c in ledger), "settings": config.settings(),
     }
+    if config.audit_share > 0:  # over every finished shard, this run's and earlier runs'
+        summary["audit"] = audit.summarize(sum(d.get("audited", 0) for d in done.values()),
+                                           sum(d.get("agreement_sum", 0.0) for d in done.values()),
+                                           audit_cost, config.audit_share, config.task)
     job.sink.write_summary(summary)
     return summary
 
@@ -180,4 +188,10 @@ def report(summary: dict[str, Any]) -> str:
         lines.append(f"FLOPs {summary['flops_total']:.3g} against {summary['flops_total_unreduced']:.3g} with none "
                      f"({saved:.2f}x); cost ${summary['cost_usd']:.4g} against ~${summary['cost_usd'] / saved:.4g} with "
                      f"none (priced by FLOPs; at --price-per-gpu-hour {settings['price_per_gpu_hour']})")
+    if "audit" in summary:
+        a = summary["audit"]
+        low, high = a["agreement_ci"]
+        agree = "n/a" if a["agreement"] is None else f"{a['agreement']:.3f} (95 % CI {low:.3f}-{high:.3f})"
+        lines.append(f"audit: {a['rows']} rows also run unreduced, agreement {agree} by {a['metric']}, "
+                     f"${a['cost_usd']:.4g} -> {output}/audit/")
     return "\n".join(lines)
