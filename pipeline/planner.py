@@ -122,8 +122,18 @@ def _ratio_interval(numerators: np.ndarray, denominators: np.ndarray, seed: int)
     return float(low), float(high)
 
 
+def steady_batches(ledger: list[dict], batch_size: int) -> list[dict]:
+    """The ledger rows that price a long job: full batches, without each actor's first batch of the configuration
+    (it pays one-off warm-up) - as far as at least two batches remain; else every batch."""
+    by_actor: dict[str, list[dict]] = {}
+    for batch in sorted(ledger, key=lambda b: b["batch_id"]):
+        by_actor.setdefault(batch["actor"], []).append(batch)
+    steady = [b for batches in by_actor.values() for b in batches[1:] if b["n_rows"] == batch_size]
+    return steady if len(steady) >= 2 else ledger
+
+
 def measure(rows: list[dict], chosen: list[Configuration], sample_reference: dict[str, str | None], task: str,
-            seed: int) -> list[Measured]:
+            batch_size: int, seed: int) -> list[Measured]:
     """Agreement with none and cost per image of each configuration, from the sweep's rows and ledger."""
     metric = agreement.METRICS[task]
     by_label: dict[str, dict[str, dict]] = {c.label: {} for c in chosen}
@@ -140,7 +150,7 @@ def measure(rows: list[dict], chosen: list[Configuration], sample_reference: dic
         labelled = [i for i in scored if sample_reference.get(i) is not None]
         accuracy, accuracy_ci = (agreement.mean_with_interval([metric(outputs[i]["text"], sample_reference[i])
                                                                for i in labelled]) if labelled else (None, None))
-        ledger = [r["cost"] for r in outputs.values() if r["cost"] is not None]
+        ledger = steady_batches([r["cost"] for r in outputs.values() if r["cost"] is not None], batch_size)
         seconds = np.array([b["device_seconds"] for b in ledger])
         images = np.array([b["n_rows"] - b["n_errors"] for b in ledger], dtype=np.float64)
         n_images = max(images.sum(), 1)
@@ -233,7 +243,7 @@ def run(job: JobConfig, plan: PlanConfig) -> dict[str, Any]:
 
     rows, startup_s, sweep_s = sweep(job, sample_uri, chosen)
     references = dict(zip(sample.column("id").to_pylist(), sample.column("reference").to_pylist()))
-    measured = measure(rows, chosen, references, job.task, plan.seed)
+    measured = measure(rows, chosen, references, job.task, job.batch_size, plan.seed)
     busy = sum(m.device_seconds_per_image * (m.rows + m.errors) for m in measured)
     # Wall-clock per device-second of work, beyond start-up: reads, decoding and hand-offs the actors wait on.
     overhead = max(1.0, (sweep_s - startup_s) * job.actors[1] / busy) if busy else 1.0

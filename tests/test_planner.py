@@ -3,7 +3,6 @@ model on held-out scenes through the real entry point (jobs/plan.py, a local Ray
 namespace), whose job.yaml is then run as a real job to check the plan's agreement against the job's own output."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import subprocess
@@ -17,11 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoConfig
 
-from pipeline import agreement, sample
+from pipeline import agreement, sample, scenes
 from pipeline.bundled import BUNDLED_MODEL_DIR
 from pipeline.config import ConfigError, JobConfig
 from pipeline.planner import PlanConfig, configurations, pareto_labels, parse_args, recommend
-from pipeline.scenes import caption, generate_scene, render_scene
 from pipeline.sources import list_shards
 from tests.pipeline_data import good_images, write_tar_shard
 
@@ -150,18 +148,6 @@ def test_bad_planner_settings_are_refused_naming_the_flag():
 
 # --- a whole plan, then its job ------------------------------------------------------------------------------------
 
-def _scenes_parquet(path: Path, seeds: range) -> None:
-    """Held-out scenes (seeds far from the training ones) with their true captions, as a user's Parquet shard."""
-    rows = []
-    for seed in seeds:
-        scene = generate_scene(seed)
-        buffer = io.BytesIO()
-        render_scene(scene)[0].save(buffer, "PNG")
-        rows.append({"id": f"scene-{seed}", "image": buffer.getvalue(), "truth": caption(scene)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-
-
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
@@ -169,10 +155,11 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_a_plan_on_held_out_scenes_and_its_job_yaml_run_as_a_job_agree(tmp_path):
     data, plan_dir = tmp_path / "data", tmp_path / "plan"
-    _scenes_parquet(data / "a.parquet", range(60_000_000, 60_000_010))
-    _scenes_parquet(data / "b.parquet", range(60_000_100, 60_000_110))
+    data.mkdir()
+    scenes.write_parquet(data / "a.parquet", range(60_000_000, 60_000_010))  # held out: far from training seeds
+    scenes.write_parquet(data / "b.parquet", range(60_000_100, 60_000_110))
     done = _run("plan.py", "--input", str(data), "--output", str(plan_dir), "--methods", "visionzip,fastv",
-                "--ratios", "0.33,0.11", "--sample", "12", "--quality-floor", "0.6", "--reference-column", "truth",
+                "--ratios", "0.33,0.11", "--sample", "12", "--quality-floor", "0.6", "--reference-column", "caption",
                 "--dtype", "fp32")
     assert done.returncode == 0, done.stderr[-3000:]
     plan = json.loads((plan_dir / "plan.json").read_text())
