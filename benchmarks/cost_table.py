@@ -1,4 +1,4 @@
-"""Print the README's cost table: prefill FLOPs and KV-cache bytes of every method at 576 / 192 / 128 / 64 tokens.
+"""Print the cost table of docs/accounting.md: prefill FLOPs and KV-cache bytes of every method at 576 / 192 / 128 / 64 tokens.
 
 Computed by reducers.accounting from the written-out LLaVA-1.5-7B config and each method's schedule
 (`reducers.schedule`: the per-layer token counts the runtime would produce for one image), no model run.

@@ -15,10 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import benchmark  # noqa: E402
+import reducers  # noqa: E402
+from pipeline import benchmark  # noqa: E402  (registers object-oracle)
+from pipeline.config import flag_setting  # noqa: E402
 from pipeline.reference import REFERENCE_MODEL_DIR, load_reference  # noqa: E402
 
 
@@ -38,13 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unreduced", type=Path, help="a --json file of `--reducer none` on the same model and "
                         "items, reused as the baseline instead of scoring the unreduced model again")
     args = parser.parse_args(argv)
-    if args.reducer != "none" and args.visual_tokens is None and args.ratio is None:
-        parser.error(f"--reducer {args.reducer} needs a budget: --visual-tokens N or --ratio R")
-    if args.reducer == "none" and (args.visual_tokens is not None or args.ratio is not None):
-        parser.error("--reducer none keeps every visual token and takes no budget")
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"no model at {args.model} (config.json missing); train one with jobs/train_reference.py "
                      "and pass --model DIR")
+    try:  # the method and budget against the model's config, before any weights load
+        reducers.validate(AutoConfig.from_pretrained(args.model), args.reducer, args.visual_tokens, args.ratio)
+    except reducers.BudgetError as e:
+        parser.error(f"--reducer {args.reducer}: {e.render(flag_setting)}")
+    except ValueError as e:
+        parser.error(f"--reducer {args.reducer}: {e}")
     return args
 
 

@@ -25,59 +25,88 @@ class ConfigError(ValueError):
     """A job that must not start: the entry point prints the message as one line and exits with status 2."""
 
 
-def _opt(default: Any, help: str, metavar: str = "", flag: bool = True) -> Any:
-    """A described option; `help` ends with its default unless it says "default:" itself."""
-    return field(default=default, metadata={"help": help, "metavar": metavar, "flag": flag})
+# The sections of `--help`, in the README's order. Every flag names its section where it is declared (`group=`).
+GROUPS = {
+    "input": "what to read and how it is split into shards",
+    "model and reduction": "the model, its visual-token reduction and what it is asked",
+    "output": "where results, the cost ledger and summary.json go",
+    "cluster": "how the work is spread over Ray actors",
+    "cost": "how device time is priced",
+    "planner": "what jobs/plan.py tries and the constraints it plans for",
+}
+
+
+def _opt(default: Any, help: str, metavar: str = "", *, group: str) -> Any:
+    """A command-line option in `--help` section `group`; `help` ends with its default unless it says "default:"."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown --help group {group!r}; one of {list(GROUPS)}")
+    return field(default=default, metadata={"help": help, "metavar": metavar, "group": group, "flag": True})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a JobConfig field or a reducers budget keyword: visual_tokens -> --visual-tokens."""
+    return "--" + name.replace("_", "-")
+
+
+def flag_setting(setting: Any) -> str:
+    """A setting named in a reducers.BudgetError (`.name`, `.value`), as typed on the command line."""
+    return f"{flag(setting.name)} {setting.value}"
 
 
 @dataclass
 class JobConfig:
-    task: str = _opt("caption", "caption (free text per image) or vqa (answer a question per image); "
-                                "set by the entry point", flag=False)
+    task: str = field(default="caption", metadata={"flag": False, "help": "caption (free text per image) or vqa "
+                                                   "(answer a question per image); set by the entry point"})
     input: str = _opt(str(SAMPLES), "input URI: s3://, gs://, file:// or a local path; a folder of shards or one shard "
-                                   "(default: the bundled sample images, pipeline/assets/samples)", "URI")
-    output: str = _opt("out", "output URI: results/, costs/ and summary.json are written under it", "URI")
+                                   "(default: the bundled sample images, pipeline/assets/samples)", "URI",
+                      group="input")
+    output: str = _opt("out", "output URI: results/, costs/ and summary.json are written under it", "URI",
+                       group="output")
     format: str = _opt("auto", "input format: parquet, webdataset (tar), images (a folder), or auto "
-                               "(from the file extensions found)", "{auto,parquet,webdataset,images}")
+                               "(from the file extensions found)", "{auto,parquet,webdataset,images}", group="input")
     model: str = _opt(BUNDLED_MODEL, "a LLaVA model: local path or Hugging Face hub id; 'bundled' is the small "
                                      "reference model that ships with trimlens (it knows only the words of its "
-                                     "procedural scenes: shapes, colours, counts, quadrants)", "ID_OR_PATH")
+                                     "procedural scenes: shapes, colours, counts, quadrants)", "ID_OR_PATH",
+                      group="model and reduction")
     reducer: str = _opt("none", "visual-token reduction method (see reducers.available()); none keeps all tokens",
-                       "NAME")
+                        "NAME", group="model and reduction")
     visual_tokens: int | None = _opt(None, "reducer budget: layer-averaged visual tokens kept per image "
-                                             "(default: none; only the reducer none needs no budget)", "N")
+                                           "(default: none; only the reducer none needs no budget)", "N",
+                                     group="model and reduction")
     ratio: float | None = _opt(None, "reducer budget as a fraction of each image's visual tokens "
-                                     "(instead of --visual-tokens; default: none)", "R")
+                                     "(instead of --visual-tokens; default: none)", "R", group="model and reduction")
     prompt: str | None = _opt(None, "caption: the instruction sent with every image (default: "
                                     f"{BUNDLED_PROMPTS['prompt']!r} with the bundled model, else "
-                                    f"{GENERIC_PROMPTS['prompt']!r})", "TEXT")
+                                    f"{GENERIC_PROMPTS['prompt']!r})", "TEXT", group="model and reduction")
     question: str | None = _opt(None, "vqa: the question for rows that carry none of their own (Parquet question "
                                       "column / WebDataset key.json field) (default: "
                                       f"{BUNDLED_PROMPTS['question']!r} with the bundled model, else "
-                                      f"{GENERIC_PROMPTS['question']!r})", "TEXT")
-    max_new_tokens: int = _opt(32, "most tokens generated per image", "N")
-    batch_size: int = _opt(8, "images per model batch (a batch never mixes input shards)", "N")
-    actors: tuple[int, int] = _opt((1, 1), "model actor pool size MIN,MAX (one model copy per actor)",
-                                     "MIN,MAX")
+                                      f"{GENERIC_PROMPTS['question']!r})", "TEXT", group="model and reduction")
+    max_new_tokens: int = _opt(32, "most tokens generated per image", "N", group="model and reduction")
+    batch_size: int = _opt(8, "images per model batch (a batch never mixes input shards)", "N", group="cluster")
+    actors: tuple[int, int] = _opt((1, 1), "model actor pool size MIN,MAX (one model copy per actor)", "MIN,MAX",
+                                   group="cluster")
     gpus_per_actor: float | None = _opt(None, "GPUs each actor asks Ray for (default: 1 if the cluster has GPUs, "
-                                              "else 0)", "F")
+                                              "else 0)", "F", group="cluster")
     cpus_per_actor: float | None = _opt(None, "CPUs each actor asks Ray for (default: 1 with GPUs, else 0.5 so a "
-                                              "small CPU-only machine still has a CPU left for reading)", "F")
-    dtype: str = _opt("bf16", "model weights dtype", "{bf16,fp16,fp32}")
-    price_per_gpu_hour: float = _opt(2.0, "USD per device-hour, for cost_usd in the ledger and the summary", "USD")
+                                              "small CPU-only machine still has a CPU left for reading)", "F",
+                                        group="cluster")
+    dtype: str = _opt("bf16", "model weights dtype", "{bf16,fp16,fp32}", group="model and reduction")
+    price_per_gpu_hour: float = _opt(2.0, "USD per device-hour, for cost_usd in the ledger and the summary", "USD",
+                                     group="cost")
     audit_share: float = _opt(0.0, "share of rows (0-1) also run through the unreduced model on the same actors, "
                                    "picked by a hash of --audit-seed, shard and id; each one's agreement with the "
                                    "unreduced output goes to OUTPUT/audit/, their mean and 95 % interval to "
-                                   "summary.json (default: 0, no audit)", "F")
-    audit_seed: int = _opt(0, "seed of the --audit-share pick", "S")
+                                   "summary.json (default: 0, no audit)", "F", group="output")
+    audit_seed: int = _opt(0, "seed of the --audit-share pick", "S", group="output")
     overwrite: bool = _opt(False, "delete previous results/costs/summary under --output and start over "
-                                  "(default: resume, skipping completed shards)")
-    id_column: str = _opt("id", "Parquet input: column holding the row id", "NAME")
-    image_column: str = _opt("image", "Parquet input: column holding the encoded image bytes", "NAME")
+                                  "(default: resume, skipping completed shards)", group="output")
+    id_column: str = _opt("id", "Parquet input: column holding the row id", "NAME", group="input")
+    image_column: str = _opt("image", "Parquet input: column holding the encoded image bytes", "NAME", group="input")
     question_column: str = _opt("question", "Parquet input column / WebDataset json field holding the question",
-                                   "NAME")
+                                "NAME", group="input")
     images_per_shard: int = _opt(1000, "image-folder input: images per shard (the unit of progress and resume)",
-                                "N")
+                                 "N", group="input")
 
     def __post_init__(self) -> None:
         for name, text in default_prompts(self.model).items():  # the defaults depend on the model
@@ -89,21 +118,26 @@ class JobConfig:
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.format not in FORMATS:
-            raise ConfigError(f"--format must be one of {FORMATS}, got {self.format!r}")
+            raise ConfigError(f"{flag('format')} must be one of {FORMATS}, got {self.format!r}")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"{flag('dtype')} must be one of {DTYPES}, got {self.dtype!r}")
         if self.visual_tokens is not None and self.ratio is not None:
-            raise ConfigError("give either --visual-tokens or --ratio, not both")
+            raise ConfigError(f"give either {flag('visual_tokens')} or {flag('ratio')}, not both")
         lo, hi = self.actors
         if not 1 <= lo <= hi:
-            raise ConfigError(f"--actors must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
+            raise ConfigError(f"{flag('actors')} must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
         if not 0 <= self.audit_share <= 1:
-            raise ConfigError(f"--audit-share must be in [0, 1], got {self.audit_share}")
+            raise ConfigError(f"{flag('audit_share')} must be in [0, 1], got {self.audit_share}")
         if self.audit_share > 0 and self.reducer == "none":
-            raise ConfigError("--audit-share compares the reducer's output with none's; this job runs none already")
+            raise ConfigError(f"{flag('audit_share')} compares the reducer's output with none's; this job runs none "
+                              "already")
         for name in ("max_new_tokens", "batch_size", "images_per_shard"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("gpus_per_actor", "cpus_per_actor", "price_per_gpu_hour"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag(name)} must not be negative, got {value}")
 
     def budget(self) -> dict[str, Any]:
         """The budget arguments of reducers.attach / reducers.validate that the job sets."""
@@ -121,18 +155,22 @@ class JobConfig:
 def _parse_actors(text: str | list | tuple | int) -> tuple[int, int]:
     if isinstance(text, int):
         return text, text
-    parts = [int(p) for p in (text.split(",") if isinstance(text, str) else text)]
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) != 2:
-        raise ConfigError(f"--actors takes MIN,MAX, got {text!r}")
-    return parts[0], parts[1]
+    try:
+        parts = [int(p) for p in (text.split(",") if isinstance(text, str) else text)]
+    except (TypeError, ValueError):
+        parts = []
+    if len(parts) not in (1, 2):
+        raise ConfigError(f"{flag('actors')} takes MIN,MAX or N (integers), got {text!r}")
+    return parts[0], parts[-1]
 
 
 def _field_types() -> dict[str, Any]:
     hints = {"int | None": int, "float | None": float, "str | None": str, "int": int, "float": float, "str": str,
              "bool": bool}
     return {f.name: hints.get(str(f.type)) for f in dataclasses.fields(JobConfig)}
+
+
+_KINDS = {int: "an integer", float: "a number", str: "text"}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -145,44 +183,51 @@ def _coerce(name: str, value: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{flag(name)} must be true or false, got {value!r}")
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}") from None
+        raise ConfigError(f"{flag(name)} must be {_KINDS[kind]}, got {value!r}") from None
 
 
-def add_flags(parser: argparse.ArgumentParser, options: type, exclusive: tuple[str, ...] = ()) -> None:
-    """A flag per described field of the dataclass `options` (fields in `exclusive` exclude one another)."""
+def add_flags(parser: argparse.ArgumentParser, options: type, exclusive: tuple[str, ...] = (),
+              skip: tuple[str, ...] = ()) -> None:
+    """A flag per described field of the dataclass `options` but those in `skip`, each in its `--help` section
+    (sections are made in the order of GROUPS, only where they get a flag); fields in `exclusive` exclude one another."""
     defaults = options()
-    either = parser.add_mutually_exclusive_group() if exclusive else None
-    for f in dataclasses.fields(options):
-        if not f.metadata["flag"]:
-            continue
-        flag = "--" + f.name.replace("_", "-")
+    fields = [f for f in dataclasses.fields(options) if f.metadata["flag"] and f.name not in skip]
+    used = {f.metadata["group"] for f in fields}
+    sections = {title: parser.add_argument_group(title, about) for title, about in GROUPS.items() if title in used}
+    either = {}
+    for f in fields:
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f.metadata["help"]
         if "default:" not in help_text:
             help_text += f" (default: {shown})"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
-        target = either if f.name in exclusive else parser
+        target = sections[f.metadata["group"]]
+        if f.name in exclusive:
+            if f.metadata["group"] not in either:
+                either[f.metadata["group"]] = target.add_mutually_exclusive_group()
+            target = either[f.metadata["group"]]
         if f.type == "bool":
-            target.add_argument(flag, action="store_true", help=help_text)
+            target.add_argument(flag(f.name), action="store_true", help=help_text)
         else:
             choices = {"format": FORMATS, "dtype": DTYPES}.get(f.name)
-            target.add_argument(flag, metavar=f.metadata["metavar"], choices=choices, help=help_text)
+            target.add_argument(flag(f.name), metavar=f.metadata["metavar"], choices=choices, help=help_text)
 
 
-def build_parser(task: str) -> argparse.ArgumentParser:
-    """Flags for every JobConfig option. Defaults are SUPPRESSed so only flags the user typed override the file."""
+def build_parser(task: str, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """Flags for every JobConfig option but those in `skip`. Defaults are SUPPRESSed so only flags the user typed
+    override the file."""
     parser = argparse.ArgumentParser(
         prog=f"{task}.py", argument_default=argparse.SUPPRESS,
         description=f"trimlens {task} job: images from object storage through LLaVA with visual-token reduction; "
                     "Parquet results + a per-batch cost ledger. Exit status 2: the job was refused before it started.")
     parser.add_argument("--config", metavar="job.yaml", help="YAML or JSON file with the same settings "
                         "(keys are the flag names, - or _); flags override it (default: none)")
-    add_flags(parser, JobConfig, exclusive=("visual_tokens", "ratio"))
+    add_flags(parser, JobConfig, exclusive=("visual_tokens", "ratio"), skip=skip)
     return parser
 
 

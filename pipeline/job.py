@@ -17,7 +17,7 @@ import ray.data
 
 from pipeline import audit
 from pipeline.bundled import BUNDLED_MODEL, default_prompts, resolve_model
-from pipeline.config import ConfigError, Configuration, JobConfig, parse_args
+from pipeline.config import ConfigError, Configuration, JobConfig, flag_setting, parse_args
 from pipeline.decode import prepare
 from pipeline.progress import Progress
 from pipeline.sinks import ShardSink, shard_folder
@@ -44,7 +44,7 @@ def load_model_config(model: str):
     try:
         return AutoConfig.from_pretrained(resolve_model(model))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model not found or not a model: {model} ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"--model not found or not a model: {model} ({str(e).splitlines()[0]})") from None
 
 
 def check_reducer(model_config, config: JobConfig) -> None:
@@ -52,8 +52,10 @@ def check_reducer(model_config, config: JobConfig) -> None:
 
     try:
         reducers.validate(model_config, config.reducer, **config.budget())
+    except reducers.BudgetError as e:  # names the budget: said as the flags that set it
+        raise ConfigError(f"--reducer {config.reducer}: {e.render(flag_setting)}") from None
     except ValueError as e:
-        raise ConfigError(f"reducer {config.reducer}: {e}") from None
+        raise ConfigError(f"--reducer {config.reducer}: {e}") from None
 
 
 def check_instruction(config: JobConfig) -> None:
@@ -63,7 +65,7 @@ def check_instruction(config: JobConfig) -> None:
     try:
         tokenizer = load_processor(config.model).tokenizer
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model {config.model} has no processor ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"--model {config.model} has no processor ({str(e).splitlines()[0]})") from None
     name = "prompt" if config.task == "caption" else "question"
     unknown = unknown_words(tokenizer, getattr(config, name))
     if unknown:
@@ -74,11 +76,11 @@ def check_instruction(config: JobConfig) -> None:
 
 def plan(config: JobConfig) -> Plan:
     """Every check that can refuse the job (raises ConfigError), cheapest first; no weights are loaded."""
-    input_fs, root = open_uri(config.input)
+    input_fs, root = open_uri(config.input, "--input")
     shards = list_shards(input_fs, root, config)
     if shards[0].format == "parquet":
         check_parquet_columns(input_fs, shards[0], config)
-    output_fs, output_root = open_uri(config.output)
+    output_fs, output_root = open_uri(config.output, "--output")
     sink = ShardSink(output_fs, output_root, config.configuration().label, config.task)
     sink.check_writable(config.output)
     check_reducer(load_model_config(config.model), config)

@@ -21,12 +21,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import agreement
-from pipeline.config import TASKS, ConfigError, Configuration, JobConfig, _opt, add_flags, build_parser, job_config
+from pipeline.config import (TASKS, ConfigError, Configuration, JobConfig, _opt, add_flags, build_parser, flag,
+                             job_config)
 from pipeline.sample import RowCount, count_rows, draw, read_sample
 from pipeline.sources import list_shards, open_uri
 
 DEFAULT_RATIOS = (1.0, 0.5, 0.33, 0.22, 0.11)
 BOOTSTRAP_RESAMPLES = 2000
+# Job settings the planner chooses or that belong to one run of a job, so jobs/plan.py has no flag for them.
+SWEPT = ("reducer", "visual_tokens", "ratio", "audit_share", "audit_seed", "overwrite")
 
 
 @dataclass
@@ -34,18 +37,18 @@ class PlanConfig:
     """The planner's own settings; everything else (input, model, prompts, batch size, actors, price) is the
     JobConfig that the recommended job will run with, so the two share their flags."""
     methods: tuple[str, ...] = _opt(("all",), "reducers to try besides none: all, or a comma-separated list",
-                                    "all|A,B,...")
+                                    "all|A,B,...", group="planner")
     ratios: tuple[float, ...] = _opt(DEFAULT_RATIOS, "budgets to try, as fractions of each image's visual tokens",
-                                     "R,R,...")
-    sample: int = _opt(300, "rows drawn uniformly at random from the whole input", "N")
-    seed: int = _opt(0, "seeds the sample and the bootstrap of the cost intervals", "S")
+                                     "R,R,...", group="planner")
+    sample: int = _opt(300, "rows drawn uniformly at random from the whole input", "N", group="planner")
+    seed: int = _opt(0, "seeds the sample and the bootstrap of the cost intervals", "S", group="planner")
     quality_floor: float = _opt(0.97, "lowest agreement with the unreduced model (lower end of its 95 % interval) "
-                                      "that a recommendation may have", "F")
-    budget_usd: float | None = _opt(None, "most the whole job may cost, in USD (default: no limit)", "USD")
+                                      "that a recommendation may have", "F", group="planner")
+    budget_usd: float | None = _opt(None, "most the whole job may cost, in USD (default: no limit)", "USD", group="planner")
     deadline: float | None = _opt(None, "hours the whole job may take on --actors MAX actors (default: no limit)",
-                                  "HOURS")
+                                  "HOURS", group="planner")
     reference_column: str | None = _opt(None, "ground truth in the input (Parquet column / WebDataset json field): "
-                                              "also report accuracy against it (default: none)", "NAME")
+                                              "also report accuracy against it (default: none)", "NAME", group="planner")
 
     def method_names(self) -> list[str]:
         import reducers
@@ -95,7 +98,7 @@ def sweep(job: JobConfig, sample_uri: str, chosen: list[Configuration]) -> tuple
 
     from pipeline.job import build_dataset
 
-    fs, root = open_uri(sample_uri)
+    fs, root = open_uri(sample_uri, "--output")
     sample_job = dataclasses.replace(job, input=sample_uri, format="parquet", id_column="id", image_column="image",
                                      question_column="question")
     shards = list_shards(fs, root, sample_job)
@@ -226,16 +229,20 @@ def pareto_labels(entries: list[dict[str, Any]]) -> set[str]:
 
 def run(job: JobConfig, plan: PlanConfig) -> dict[str, Any]:
     """The whole planner; returns plan.json's contents (also written, with the other files, under job.output)."""
-    from pipeline.job import load_model_config
+    from pipeline.job import check_instruction, load_model_config
     from pipeline.plan_report import write_plan
+    from pipeline.sinks import ShardSink
 
+    # Everything that can refuse the plan, before Ray starts or any weights load.
     model_config = load_model_config(job.model)
+    check_instruction(job)
     chosen, skipped = configurations(model_config, plan)
-    input_fs, root = open_uri(job.input)
+    input_fs, root = open_uri(job.input, "--input")
+    output_fs, output_root = open_uri(job.output, "--output")
+    ShardSink(output_fs, output_root, "none", job.task).check_writable(job.output)
     shards = list_shards(input_fs, root, job)
     count = count_rows(input_fs, shards, plan.seed)
     sample = read_sample(input_fs, shards, draw(count, plan.sample, plan.seed), job, plan.reference_column)
-    output_fs, output_root = open_uri(job.output)
     sample_folder = f"{output_root.rstrip('/')}/sample"
     output_fs.create_dir(sample_folder, recursive=True)
     pq.write_table(sample, f"{sample_folder}/sample.parquet", filesystem=output_fs)
@@ -296,19 +303,25 @@ def check(plan: PlanConfig) -> None:
     for name in ("budget_usd", "deadline"):
         value = getattr(plan, name)
         if value is not None and (math.isnan(value) or value <= 0):
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise ConfigError(f"{flag(name)} must be positive, got {value}")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, PlanConfig]:
-    """The job's flags plus the planner's; raises ConfigError for settings that must not start a plan."""
-    parser = build_parser("plan")
+def build_plan_parser():
+    """The job's flags, but those the planner chooses, plus the planner's own."""
+    parser = build_parser("plan", skip=SWEPT)
     parser.description = ("trimlens planner: measure none and every method x ratio on a sample of the input, project "
                           "each onto the whole job, recommend the cheapest configuration meeting the quality floor, "
                           "budget and deadline; writes plan.json, plan.md, pareto.png and job.yaml under --output. "
                           "Exit status 2: refused before it started.")
     parser.add_argument("--task", choices=TASKS, help="caption or vqa: the job to plan (default: caption)")
-    add_flags(parser.add_argument_group("planner"), PlanConfig)
-    flags = vars(parser.parse_args(argv))
+    add_flags(parser, PlanConfig)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, PlanConfig]:
+    """jobs/plan.py's flags -> (the job to plan, the planner's settings); raises ConfigError for settings that must
+    not start a plan."""
+    flags = vars(build_plan_parser().parse_args(argv))
     task = flags.pop("task", "caption")
     plan_flags = {f.name: flags.pop(f.name) for f in dataclasses.fields(PlanConfig) if f.name in flags}
     job = job_config(task, flags)
@@ -327,7 +340,7 @@ def _plan_value(name: str, text: str) -> Any:
         kind = {"sample": int, "seed": int, "quality_floor": float, "budget_usd": float, "deadline": float}.get(name, str)
         return kind(text)
     except ValueError:
-        raise ConfigError(f"--{name.replace('_', '-')} cannot read {text!r}") from None
+        raise ConfigError(f"{flag(name)} cannot read {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ class ShardSink:
                 f.write(b"ok")
             self.fs.delete_file(probe)
         except (OSError, pa.ArrowException) as e:
-            raise ConfigError(f"output is not writable: {uri}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"output is not writable: --output {uri}: {str(e).splitlines()[0]}") from None
 
     def clear(self) -> None:
         """--overwrite: remove everything a previous run wrote (and nothing else under OUTPUT)."""

@@ -33,14 +33,14 @@ class Shard:
     root: str               # input root (image ids are paths relative to it)
 
 
-def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """URI or local path -> (filesystem, path inside it). Raises ConfigError for an unusable URI."""
+def open_uri(uri: str, flag: str) -> tuple[pafs.FileSystem, str]:
+    """URI or local path -> (filesystem, path inside it). Raises ConfigError naming `flag` for an unusable URI."""
     try:
         if "://" in uri:
             return pafs.FileSystem.from_uri(uri)
         return pafs.LocalFileSystem(), posixpath.abspath(uri)
     except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(f"cannot open {uri}: {e}") from None
+        raise ConfigError(f"cannot open {flag} {uri}: {e}") from None
 
 
 def _detect_format(paths: list[str]) -> str:
@@ -54,7 +54,7 @@ def list_shards(fs: pafs.FileSystem, root: str, config: JobConfig) -> list[Shard
     """Shards of the input, sorted by name. Raises ConfigError for a missing or empty input."""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"input not found: {config.input}")
+        raise ConfigError(f"input not found: --input {config.input}")
     if info.type == pafs.FileType.File:
         files, root = [root], posixpath.dirname(root)
     else:
@@ -65,7 +65,7 @@ def list_shards(fs: pafs.FileSystem, root: str, config: JobConfig) -> list[Shard
     wanted = [f for f in files if f.lower().endswith(SHARD_EXTENSIONS.get(fmt, ()))]
     if not wanted:
         raise ConfigError(f"input is empty: no {fmt if fmt != 'auto' else 'Parquet, tar or image'} files "
-                          f"in {config.input}")
+                          f"in --input {config.input}" + (f" (--format {fmt})" if config.format != "auto" else ""))
     relative = [posixpath.relpath(f, root) for f in wanted]
     if fmt != "images":
         return [Shard(rel, fmt, (path,), root) for rel, path in zip(relative, wanted)]

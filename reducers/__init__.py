@@ -10,15 +10,18 @@ Pure torch + transformers; knows nothing of Ray.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import budget
+from .budget import BudgetError, Setting
 from .methods import LISTED, Method, create
 from .runtime import Runtime
 from .shape import ModelShape
 
-__all__ = ["available", "attach", "validate", "schedule", "Attachment"]
+__all__ = ["available", "attach", "validate", "schedule", "Attachment", "BudgetError"]
 
 _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
@@ -32,20 +35,24 @@ def validate(config, name: str, visual_tokens: int | None = None, ratio: float |
     """Check a method + budget against a model config without loading weights; returns the method.
 
     Raises ValueError naming what is allowed: unknown method or parameter, not exactly one budget (except
-    `none`, which takes none), a budget above the full visual count, or one the method cannot meet.
+    `none`, which takes none), a budget above the full visual count, or one the method cannot meet; the budget's
+    refusals are a BudgetError, which names the budget settings so that a front end can spell them as its own.
     """
     method = create(name, **params)
     shape = ModelShape.from_config(config)
     if name == "none":
-        if visual_tokens is not None or ratio is not None:
-            raise ValueError("`none` keeps every visual token and takes no budget")
+        given = [Setting(k, v) for k, v in (("visual_tokens", visual_tokens), ("ratio", ratio)) if v is not None]
+        if given:
+            raise BudgetError("`none` keeps every visual token and takes no budget: drop ", given[0],
+                              *([" and ", given[1]] if len(given) == 2 else []))
         return method
     budget.check_budget(visual_tokens, ratio)
     if method.vision_share > 0 and not shape.has_cls:
         raise ValueError(f"{name} reduces inside the vision tower and needs vision_feature_select_strategy='default'")
     full = shape.patches  # one LLaVA-1.5 image, or a LLaVA-NeXT base crop: the nominal count
     if shape.family == "llava" and visual_tokens is not None and visual_tokens > full:
-        raise ValueError(f"visual_tokens={visual_tokens} is above the full count of {full} visual tokens per image")
+        raise BudgetError(Setting("visual_tokens", visual_tokens),
+                          f" is above the full count of {full} visual tokens per image")
     _check_reachable(method, shape, full, visual_tokens, ratio)
     return method
 
@@ -61,9 +68,13 @@ def _check_reachable(method: Method, shape: ModelShape, full: int, visual_tokens
     smallest = int(candidates[reachable][0])
     asked = visual_tokens if visual_tokens is not None else round(ratio * full)
     if asked < smallest:
-        raise ValueError(f"{method.name} prunes first at LLM layer {first} of {layers}: with these parameters the smallest "
-                         f"budget it can meet is {smallest} of {full} visual tokens (ratio {smallest / full:.3f}); "
-                         f"asked {asked}. Raise the budget or move the pruning layer earlier.")
+        smallest_ratio = math.ceil(smallest / full * 1000) / 1000  # rounded up, so that it still reaches `smallest`
+        given = Setting("visual_tokens", visual_tokens) if visual_tokens is not None else Setting("ratio", ratio)
+        raise BudgetError(f"{method.name} prunes first at LLM layer {first} of {layers}: with these parameters the "
+                          f"smallest budget it can meet is {smallest} of {full} visual tokens (",
+                          Setting("visual_tokens", smallest), " or ", Setting("ratio", smallest_ratio), "); asked ",
+                          given, "" if visual_tokens is not None else f" = {asked} tokens",
+                          ". Raise the budget (or, from Python, give the method an earlier pruning layer).")
 
 
 def schedule(config, name: str, visual_tokens: int | None = None, ratio: float | None = None, **params) -> dict:

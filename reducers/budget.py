@@ -8,20 +8,47 @@ All counts here are per image (or per row) tensors, since LLaVA-NeXT images have
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class Setting:
+    """A budget setting named in an error message, with the value to show beside it."""
+    name: str      # the keyword of attach / validate: visual_tokens or ratio
+    value: object  # what was asked, or a placeholder such as "N"
+
+
+def keyword(setting: Setting) -> str:
+    """A setting as Python's attach / validate spell it: visual_tokens=64."""
+    return f"{setting.name}={setting.value}"
+
+
+class BudgetError(ValueError):
+    """A refused budget. The message is kept as text and settings, so a front end can name the settings its own
+    way (the command line: --visual-tokens 64); str() names them as the keywords of attach / validate."""
+
+    def __init__(self, *parts: str | Setting):
+        self.parts = parts
+        super().__init__(self.render(keyword))
+
+    def render(self, spell: Callable[[Setting], str]) -> str:
+        """The message with every setting spelled by `spell`."""
+        return "".join(spell(part) if isinstance(part, Setting) else part for part in self.parts)
+
+
 def check_budget(visual_tokens: int | None, ratio: float | None) -> None:
     """Exactly one of the two budget forms, each in range (the full count is checked where it is known)."""
     if (visual_tokens is None) == (ratio is None):
-        raise ValueError("give exactly one budget: visual_tokens=N (layer-averaged visual tokens in the LLM) "
-                         "or ratio=r (N = round(r x full count) per image)")
+        raise BudgetError("give exactly one budget: ", Setting("visual_tokens", "N"), " (layer-averaged visual "
+                          "tokens in the LLM) or ", Setting("ratio", "R"), " (N = round(R x full count) per image)")
     if visual_tokens is not None and (not isinstance(visual_tokens, int) or visual_tokens < 1):
-        raise ValueError(f"visual_tokens must be a positive integer, got {visual_tokens!r}")
+        raise BudgetError("the budget ", Setting("visual_tokens", repr(visual_tokens)), " is not a positive integer")
     if ratio is not None and not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+        raise BudgetError("the budget ", Setting("ratio", repr(ratio)), " is not in (0, 1]")
 
 
 def resolve(full: Tensor, visual_tokens: int | None, ratio: float | None) -> Tensor:
@@ -30,8 +57,8 @@ def resolve(full: Tensor, visual_tokens: int | None, ratio: float | None) -> Ten
         return torch.round(full.double() * float(ratio)).long().clamp(min=1)
     budget = torch.full_like(full, visual_tokens)
     if (budget > full).any():
-        raise ValueError(f"visual_tokens={visual_tokens} is above the full visual-token count of an image "
-                         f"({int(full.min())}); use at most that, or a ratio")
+        raise BudgetError(Setting("visual_tokens", visual_tokens), " is above the full visual-token count of an "
+                          f"image ({int(full.min())}); use at most that, or ", Setting("ratio", "R"))
     return budget
 
 

@@ -8,7 +8,7 @@ matrix (formed in fp32): X X^T = U S^2 U^T gives U S = U sqrt(S^2) (V <= D, the 
 
 Precision: `eigh` rounds at eps * (largest eigenvalue), and the eigenvectors of the other directions mix by that
 over their spacing. Hidden states whose largest direction dominates (a component shared by all tokens, which LLM
-states carry) therefore lose agreement with the SVD in fp32 long before they do in fp64; the README gives numbers.
+states carry) therefore lose agreement with the SVD in fp32 long before they do in fp64; docs/reducers.md gives numbers.
 """
 from __future__ import annotations
 

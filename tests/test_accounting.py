@@ -277,9 +277,9 @@ def test_llava_15_7b_reference_config():
 
 
 def test_cost_table_follows_the_budget():
-    """The README table's numbers: every method at the full count costs what `none` costs, and at N the LLM prefill
-    is within 2 % of N visual tokens at every layer (the budget's meaning; not exact because attention grows as n²,
-    so the 576-token layers before an LLM-side pruning step cost more than the average count suggests)."""
+    """The numbers of docs/accounting.md's table: every method at the full count costs what `none` costs, and at N the
+    LLM prefill is within 2 % of N visual tokens at every layer (the budget's meaning; not exact because attention
+    grows as n², so the 576-token layers before an LLM-side pruning step cost more than the average count suggests)."""
     config = reference_config()
     dims = model_dims(config)
     prompt = 40

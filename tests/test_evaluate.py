@@ -79,8 +79,10 @@ def test_methods_and_budgets(random_reference, tmp_path, reducer):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--reducer", "fastv"], "needs a budget"),
-    (["--reducer", "none", "--ratio", "0.5"], "takes no budget"),
+    (["--reducer", "fastv"], "--reducer fastv: give exactly one budget: --visual-tokens N ("),
+    (["--reducer", "none", "--ratio", "0.5"], "takes no budget: drop --ratio 0.5"),
+    (["--reducer", "fastv", "--visual-tokens", "100000"], "--visual-tokens 100000 is above the full count"),
+    (["--reducer", "nope", "--ratio", "0.5"], "--reducer nope: unknown reduction method 'nope'"),
     (["--reducer", "fastv", "--ratio", "0.5", "--visual-tokens", "4"], "not allowed with"),
 ])
 def test_budget_flags_are_checked(args, message, capsys, random_reference):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, JobConfig, build_parser, parse_args
+from pipeline.config import GROUPS, ConfigError, JobConfig, _opt, build_parser, parse_args
 from pipeline.job import actor_resources, main
 from pipeline_data import save_test_model, write_parquet_shard
 
@@ -53,6 +54,35 @@ def test_every_option_has_a_flag_with_its_default_in_help():
     assert text.count("default:") >= sum(f.metadata["flag"] for f in JobConfig.__dataclass_fields__.values())
 
 
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_help_lists_every_flag_in_one_of_the_readme_sections(task):
+    parser = build_parser(task)
+    general = {"-h", "--config"}  # argparse's own section: help and the settings file, which spans every section
+    fields = [f for f in JobConfig.__dataclass_fields__.values() if f.metadata["flag"]]
+    assert all(f.metadata["group"] in GROUPS for f in fields)
+    job_sections = [g for g in GROUPS if any(f.metadata["group"] == g for f in fields)]  # "planner" is plan.py's
+    sections = {group.title: [a for a in group._group_actions] for group in parser._action_groups}
+    assert set(job_sections) <= set(sections) and "planner" not in sections
+    for action in parser._actions:
+        strings = set(action.option_strings)
+        homes = [title for title, actions in sections.items() if action in actions]
+        if strings & general:
+            assert homes == ["options"], strings
+        else:
+            assert len(homes) == 1 and homes[0] in GROUPS, (strings, homes)
+    text = parser.format_help()
+    assert [text.index(f"\n{t}:\n") for t in job_sections] == sorted(text.index(f"\n{t}:\n") for t in job_sections)
+    # the budget flags stay exclusive inside their section
+    assert "[--visual-tokens N | --ratio R]" in " ".join(parser.format_usage().split())
+
+
+def test_a_flag_declares_a_known_help_section():
+    with pytest.raises(ValueError, match="unknown --help group 'io'"):
+        _opt(1, "a flag in a section that does not exist", "N", group="io")
+    with pytest.raises(TypeError, match="group"):
+        _opt(1, "a flag without a section", "N")
+
+
 def test_actor_resources_default_to_a_gpu_each_or_half_a_cpu():
     assert actor_resources(JobConfig(), cluster_gpus=8) == (1.0, 1.0)
     assert actor_resources(JobConfig(), cluster_gpus=0) == (0.0, 0.5)
@@ -73,6 +103,11 @@ def test_config_file_and_flag_precedence(tmp_path, suffix):
     (["--actors", "3,1"], "--actors"),
     (["--batch-size", "0"], "--batch-size"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--batch-size", "many"], "--batch-size must be an integer, got 'many'"),
+    (["--ratio", "a third"], "--ratio must be a number"),
+    (["--actors", "a,b"], "--actors takes MIN,MAX"),
+    (["--gpus-per-actor", "-1"], "--gpus-per-actor must not be negative"),
+    (["--price-per-gpu-hour", "-2"], "--price-per-gpu-hour must not be negative"),
 ])
 def test_bad_values_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -92,7 +127,7 @@ def test_config_file_errors(tmp_path):
         parse_args("caption", ["--config", str(tmp_path / "missing.yaml")])
     wrong_type = tmp_path / "wrong.yaml"
     wrong_type.write_text("batch_size: many\n")
-    with pytest.raises(ConfigError, match="batch_size"):
+    with pytest.raises(ConfigError, match="--batch-size must be an integer"):
         parse_args("caption", ["--config", str(wrong_type)])
 
 
@@ -123,8 +158,13 @@ def refusal_cases(tmp_path) -> dict[str, list[str]]:
         "not writable": [*common, "--output", str(blocked / "sub")],
         "model not found": [*common, "--model", str(tmp_path / "no-model")],
         "unknown reduction method": [*common, "--reducer", "no-such-method"],
-        "above the full count": [*common, "--reducer", "fastv", "--visual-tokens", "100000"],
-        "budget": [*common, "--reducer", "fastv"],
+        "--visual-tokens 100000 is above the full count": [*common, "--reducer", "fastv", "--visual-tokens", "100000"],
+        "give exactly one budget: --visual-tokens N (": [*common, "--reducer", "fastv"],
+        ") or --ratio R (": [*common, "--reducer", "visionzip"],
+        "the budget --ratio 1.5 is not in (0, 1]": [*common, "--reducer", "fastv", "--ratio", "1.5"],
+        "the budget --visual-tokens 0 is not a positive integer": [*common, "--reducer", "st3", "--visual-tokens", "0"],
+        "takes no budget: drop --ratio 0.5": [*common, "--ratio", "0.5"],
+        "asked --ratio 0.01 = ": [*common, "--reducer", "fastv", "--ratio", "0.01"],
         "has no column 'id'": [*common, "--input", str(other_columns)],
         "does not know: 'Write', 'short', 'caption'": [*common, "--model", "bundled",
                                                        "--prompt", "Write a short caption for the image ."],
@@ -138,6 +178,8 @@ def test_refusals_exit_2_with_one_line_before_any_model_loads(refusal_cases, tmp
         assert main("caption", argv) == 2, reason
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("caption.py: error:") and reason in lines[0], (reason, lines)
+        # said in the command line's words: a flag, never a Python keyword of reducers.attach
+        assert re.search(r"--[a-z]", lines[0]) and not re.search(r"\b[a-z_]+=", lines[0]), lines[0]
     assert not loaded and not (tmp_path / "out" / "results").exists()
 
 

@@ -17,7 +17,7 @@ from pipeline_data import (bad_images, good_images, odd_images, save_test_model,
 
 def _shards(uri: str, **settings):
     config = JobConfig(input=uri, **settings)
-    fs, root = open_uri(uri)
+    fs, root = open_uri(uri, "--input")
     return fs, list_shards(fs, root, config), config
 
 

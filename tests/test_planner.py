@@ -137,6 +137,14 @@ def test_the_recommendation_is_the_cheapest_meeting_floor_budget_and_deadline():
     assert pareto_labels(entries) == {"none", "a@0.5", "a@0.1"}  # b@0.5 costs more than a@0.5 for no more agreement
 
 
+def test_plan_help_has_the_planner_section_and_no_flag_for_what_it_chooses():
+    from pipeline.planner import SWEPT, build_plan_parser
+
+    text = build_plan_parser().format_help()
+    assert "\nplanner:\n" in text and "--quality-floor" in text and "--input" in text
+    assert not any(f"--{name.replace('_', '-')} " in text for name in SWEPT)
+
+
 def test_bad_planner_settings_are_refused_naming_the_flag():
     with pytest.raises(ConfigError, match="--methods: unknown nosuch"):
         parse_args(["--methods", "visionzip,nosuch"])

@@ -290,7 +290,8 @@ def test_attention_supervision_loss_is_the_log_mass_of_eager_attention():
 
 def test_the_shipped_model_loads_offline_and_answers_held_out_questions():
     """The committed weights (pipeline/assets/reference_model), unreduced, on the first 70 held-out questions
-    (10 per task) and 10 captions: floors well under its full-benchmark scores (README), far over chance."""
+    (10 per task) and 10 captions: floors well under its full-benchmark scores (docs/reference-model.md), far over
+    chance."""
     model, processor = load_reference()
     result = benchmark.run(model, processor, "none", questions=70, captions=10, batch_size=35)
     assert result["vqa_accuracy"] >= 0.9 and result["caption_f1"] >= 0.9, result

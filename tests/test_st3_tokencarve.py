@@ -232,7 +232,7 @@ def agreement(score: torch.Tensor, reference: torch.Tensor) -> tuple[float, dict
 def test_information_score_agrees_with_the_svd_at_the_benchmark_shape():
     # [576, 2048] states per row: isotropic noise plus a component every token shares (LLM states carry one). The
     # fp32 eigendecomposition rounds at eps x the shared direction's eigenvalue, which blurs the others as that
-    # component grows (README); in fp64 the score stays the SVD's.
+    # component grows (docs/reducers.md); in fp64 the score stays the SVD's.
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(2, 576, 2048, generator=g)
     valid = torch.ones(2, 576, dtype=torch.bool)

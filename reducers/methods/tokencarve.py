@@ -26,7 +26,7 @@ class TokenCarve(Method):
     select: float = 1.5              # the selection keeps select x T tokens before merging back down to T
     info_weight: float = 0.5         # weight of the information ranking in the fusion (attention gets the rest)
     fp64_eigh: bool = False          # information score's eigendecomposition in fp64: exact also on states with one
-                                     # dominant direction, ~1.5x its cost (reducers.spectral, README)
+                                     # dominant direction, ~1.5x its cost (reducers.spectral, docs/reducers.md)
     prune_cache_before: bool = True  # cut the caches of layers < K to the kept tokens as well
 
     def __post_init__(self):
