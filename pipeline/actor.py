@@ -38,7 +38,9 @@ ZERO_COST = reducers.accounting.Cost(flops_vision=0, flops_projector=0, flops_pr
 def load_model(path: str, dtype: torch.dtype, on_gpu: bool):
     """A LLaVA checkpoint (local path or hub id), loaded the same way by the actor and the benchmark."""
     placement = {"device_map": "auto"} if on_gpu else {}  # accelerate spreads the weights over the actor's GPUs
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **placement).eval()
+    # use_kernels=False: Hub kernels are code downloaded at load time (on by default from transformers 5.25); trimlens
+    # runs only the model's own code, as with trust_remote_code.
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_kernels=False, **placement).eval()
 
 
 def collate(rows: list[dict[str, np.ndarray]], pad_token_id: int) -> dict[str, torch.Tensor]:

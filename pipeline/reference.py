@@ -100,7 +100,7 @@ def prompt(processor: LlavaProcessor, question: str) -> str:
 
 def load_reference(path: str | Path = REFERENCE_MODEL_DIR) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The model and processor saved at `path` (the shipped model by default), offline, in eval mode."""
-    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, use_kernels=False).eval()
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     processor.tokenizer.padding_side = "left"  # generation needs left padding; not restored by from_pretrained
     return model, processor

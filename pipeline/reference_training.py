@@ -441,7 +441,8 @@ class Trainer:
         self.processor = build_processor(self.arch)
         self.heads = AuxiliaryHeads(self.arch.vision_hidden)
         if recipe.init_from:
-            self.model = LlavaForConditionalGeneration.from_pretrained(recipe.init_from, local_files_only=True)
+            self.model = LlavaForConditionalGeneration.from_pretrained(recipe.init_from, local_files_only=True,
+                                                                       use_kernels=False)
             self.heads.load_state_dict(load_file(Path(recipe.init_from) / AUX_HEADS_FILE))
         else:
             self.model = build_model(self.processor.tokenizer, self.arch, recipe.seed)

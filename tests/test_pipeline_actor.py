@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.actor import ModelActor, collate
+from pipeline.actor import ModelActor, collate, load_model
 from pipeline.config import JobConfig
 from pipeline.decode import pack, prepare, unpack
 from pipeline.schema import COST_SCHEMA, OUTPUT_SCHEMA, RESULT_SCHEMA, SOURCE_SCHEMA
@@ -28,6 +28,13 @@ def _prepared(config: JobConfig, shards: dict[str, dict[str, bytes]]) -> pa.Tabl
 
 def _ledger(out: pa.Table) -> list[dict]:
     return [json.loads(c) for c in out.column("cost").to_pylist() if c is not None]
+
+
+def test_models_load_without_hub_kernels(model_path):
+    """transformers 5.25 turns Hub kernels (code fetched at load time) on by default; trimlens keeps them off."""
+    import torch
+
+    assert load_model(model_path, torch.float32, on_gpu=False).use_kernels is False
 
 
 def test_output_tables_have_the_promised_columns():
