@@ -34,7 +34,7 @@ def markdown(plan: dict[str, Any]) -> str:
         agree = "-" if e["agreement"] is None else f"{e['agreement']:.3f}"
         lines.append(f"| {mark} | {e['label']} | {agree} ({e['agreement_ci'][0]:.3f}-"
                      f"{e['agreement_ci'][1]:.3f}) | {accuracy} | {e['device_seconds_per_image']:.4f} | "
-                     f"{e['cost_per_1000_images_usd']:.4f} | {e['projected_cost_usd']:.2f} | {e['projected_hours']:.2f} |")
+                     f"{e['cost_per_1000_images_usd']:.4g} | {e['projected_cost_usd']:.4g} | {e['projected_hours']:.3g} |")
     lines += ["", "-> recommended, * on the Pareto front (no configuration is both cheaper and more agreeing)."]
     for s in plan["skipped"]:
         lines.append(f"- skipped {s['reducer']} at ratio {s['ratio']}: {s['reason']}")
@@ -104,8 +104,8 @@ def summary_lines(plan: dict[str, Any], output: str) -> str:
     lines = [f"{len(plan['configurations'])} configurations measured on {plan['sample_rows']} of {rows} rows"]
     if r:
         lines.append(f"recommended: {r['label']}: agreement {r['agreement']:.3f} (95 % CI {r['agreement_ci'][0]:.3f}-"
-                     f"{r['agreement_ci'][1]:.3f}), ${r['projected_cost_usd']:.2f} in {r['projected_hours']:.2f} h "
-                     f"against none's ${none['projected_cost_usd']:.2f} in {none['projected_hours']:.2f} h")
+                     f"{r['agreement_ci'][1]:.3f}), ${r['projected_cost_usd']:.4g} in {r['projected_hours']:.3g} h "
+                     f"against none's ${none['projected_cost_usd']:.4g} in {none['projected_hours']:.3g} h")
         lines.append(f"run it: python jobs/{plan['task']}.py --config {output}/job.yaml --input ... --output ...")
     else:
         near = plan["nearest"]
