@@ -52,7 +52,8 @@ def pareto_png(plan: dict[str, Any]) -> bytes:
     entries = [e for e in plan["configurations"] if e["agreement"] is not None]
     figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
     for reducer in sorted({e["reducer"] for e in entries}):
-        mine = sorted((e for e in entries if e["reducer"] == reducer), key=lambda e: e["cost_per_1000_images_usd"])
+        # Along the ratios, so each line is the method's own trade-off curve.
+        mine = sorted((e for e in entries if e["reducer"] == reducer), key=lambda e: e["ratio"] or 1.0)
         axes.plot([e["cost_per_1000_images_usd"] for e in mine], [e["agreement"] for e in mine], "o-", label=reducer)
         for e in mine:
             if e["ratio"] is not None:
