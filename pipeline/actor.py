@@ -1,5 +1,7 @@
 """The model actor: loads the model once, attaches the job's reducer, and turns prepared rows into result rows
-plus one ledger (cost) row per model batch.
+plus one ledger (cost) row per model batch. The planner gives it several configurations: each batch then runs
+through every one of them in turn (one model load for the whole sweep), each output row tagged with its own.
+With --audit-share, the audited rows of each batch also run unreduced (pipeline/audit.py).
 
 A model batch never mixes input shards, so every ledger row belongs to exactly one shard. Rows that failed
 upstream are passed through as error rows and counted in the ledger row of the batch they arrived in.
@@ -21,8 +23,9 @@ from transformers import AutoModelForImageTextToText
 
 import reducers
 import reducers.accounting
+from pipeline import audit
 from pipeline.bundled import resolve_model
-from pipeline.config import JobConfig
+from pipeline.config import Configuration, JobConfig
 from pipeline.decode import load_processor, unpack
 from pipeline.schema import OUTPUT_SCHEMA
 
@@ -65,15 +68,17 @@ def collate(rows: list[dict[str, np.ndarray]], pad_token_id: int) -> dict[str, t
 class ModelActor:
     """One model copy. Ray calls it with PREPARED_SCHEMA tables and gets OUTPUT_SCHEMA tables back."""
 
-    def __init__(self, config: JobConfig, gpus: float, cpus: float):
+    def __init__(self, config: JobConfig, gpus: float, cpus: float, configurations: list[Configuration] | None = None):
         self.config = config
+        self.configurations = configurations or [config.configuration()]
         self.gpus = gpus
         on_gpu = gpus > 0 and torch.cuda.is_available()
         if not on_gpu:
             torch.set_num_threads(max(1, int(cpus)))  # a fractional CPU share still runs one thread
         self.model = load_model(resolve_model(config.model), TORCH_DTYPES[config.dtype], on_gpu)
         self.processor = load_processor(config.model)
-        self.attachment = reducers.attach(self.model, config.reducer, **config.budget())
+        self.configuration = self.configurations[0]
+        self.attachment = reducers.attach(self.model, self.configuration.reducer, **self.configuration.budget())
         self.device = torch.cuda.get_device_name() if on_gpu else "cpu"
         self.name = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.batches = 0
@@ -81,12 +86,31 @@ class ModelActor:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out: list[dict[str, Any]] = []
-        for _, same_shard in groupby(batch.to_pylist(), key=lambda r: r["shard"]):
-            rows = list(same_shard)
-            for start in range(0, len(rows), self.config.batch_size):
-                out.extend(self._run(rows[start:start + self.config.batch_size]))
+        rows = batch.to_pylist()
+        share, seed = self.config.audit_share, self.config.audit_seed
+        # Audited rows first: the driver then holds them when the last result row completes their shard.
+        audited = [r for r in rows if share and r["error"] is None and audit.picked(seed, r["shard"], r["id"], share)]
+        out = self._run_through(audit.UNREDUCED, audited) if audited else []
+        for configuration in self.configurations:
+            out.extend(self._run_through(configuration, rows))
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    def _run_through(self, configuration: Configuration, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`rows` through one configuration, in model batches that never mix shards."""
+        self._switch_to(configuration)
+        out: list[dict[str, Any]] = []
+        for _, same_shard in groupby(rows, key=lambda r: r["shard"]):
+            shard_rows = list(same_shard)
+            for start in range(0, len(shard_rows), self.config.batch_size):
+                out.extend(self._run(shard_rows[start:start + self.config.batch_size]))
+        return out
+
+    def _switch_to(self, configuration: Configuration) -> None:
+        """Attach `configuration`'s reducer unless it is the one attached (a job without an audit keeps its one)."""
+        if configuration != self.configuration:
+            self.attachment.detach()
+            self.attachment = reducers.attach(self.model, configuration.reducer, **configuration.budget())
+            self.configuration = configuration
 
     def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One model batch; if generate fails, each row is retried alone so one bad row fails only itself."""
@@ -124,7 +148,8 @@ class ModelActor:
         self.batches += 1
         batch_id = f"{self.name}-{self.batches:06d}"
         results = [{"id": r["id"], "shard": r["shard"], "shard_rows": r["shard_rows"], "question": r["question"],
-                    "error": r["error"], "model": self.config.model, "reducer": self.config.reducer,
+                    "error": r["error"], "model": self.config.model,
+                    "reducer": self.configuration.reducer, "configuration": self.configuration.label,
                     "batch_id": batch_id, **per_row.get(i, {})} for i, r in enumerate(rows)]
         results[0]["cost"] = json.dumps(self._ledger_row(batch_id, results, cost, unreduced, wall))
         return results
@@ -153,4 +178,5 @@ class ModelActor:
                                          "flops_total", "kv_bytes_peak")},
                 "flops_total_unreduced": unreduced.flops_total,
                 "wall_s": wall, "device": self.device, "device_seconds": device_seconds,
-                "cost_usd": device_seconds / 3600 * self.config.price_per_gpu_hour}
+                "cost_usd": device_seconds / 3600 * self.config.price_per_gpu_hour,
+                "configuration": self.configuration.label}

@@ -32,6 +32,7 @@ GROUPS = {
     "output": "where results, the cost ledger and summary.json go",
     "cluster": "how the work is spread over Ray actors",
     "cost": "how device time is priced",
+    "planner": "what jobs/plan.py tries and the constraints it plans for",
 }
 
 
@@ -93,6 +94,11 @@ class JobConfig:
     dtype: str = _opt("bf16", "model weights dtype", "{bf16,fp16,fp32}", group="model and reduction")
     price_per_gpu_hour: float = _opt(2.0, "USD per device-hour, for cost_usd in the ledger and the summary", "USD",
                                      group="cost")
+    audit_share: float = _opt(0.0, "share of rows (0-1) also run through the unreduced model on the same actors, "
+                                   "picked by a hash of --audit-seed, shard and id; each one's agreement with the "
+                                   "unreduced output goes to OUTPUT/audit/, their mean and 95 % interval to "
+                                   "summary.json (default: 0, no audit)", "F", group="output")
+    audit_seed: int = _opt(0, "seed of the --audit-share pick", "S", group="output")
     overwrite: bool = _opt(False, "delete previous results/costs/summary under --output and start over "
                                   "(default: resume, skipping completed shards)", group="output")
     id_column: str = _opt("id", "Parquet input: column holding the row id", "NAME", group="input")
@@ -120,6 +126,11 @@ class JobConfig:
         lo, hi = self.actors
         if not 1 <= lo <= hi:
             raise ConfigError(f"{flag('actors')} must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
+        if not 0 <= self.audit_share <= 1:
+            raise ConfigError(f"{flag('audit_share')} must be in [0, 1], got {self.audit_share}")
+        if self.audit_share > 0 and self.reducer == "none":
+            raise ConfigError(f"{flag('audit_share')} compares the reducer's output with none's; this job runs none "
+                              "already")
         for name in ("max_new_tokens", "batch_size", "images_per_shard"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
@@ -130,7 +141,11 @@ class JobConfig:
 
     def budget(self) -> dict[str, Any]:
         """The budget arguments of reducers.attach / reducers.validate that the job sets."""
-        return {k: v for k, v in (("visual_tokens", self.visual_tokens), ("ratio", self.ratio)) if v is not None}
+        return self.configuration().budget()
+
+    def configuration(self) -> "Configuration":
+        """The job's one reduction setting (the planner runs several; see pipeline/planner.py)."""
+        return Configuration(self.reducer, self.visual_tokens, self.ratio)
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready copy of every setting (for summary.json)."""
@@ -175,31 +190,44 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{flag(name)} must be {_KINDS[kind]}, got {value!r}") from None
 
 
-def build_parser(task: str) -> argparse.ArgumentParser:
-    """Flags for every JobConfig option. Defaults are SUPPRESSed so only flags the user typed override the file."""
-    defaults = JobConfig()
+def add_flags(parser: argparse.ArgumentParser, options: type, exclusive: tuple[str, ...] = (),
+              skip: tuple[str, ...] = ()) -> None:
+    """A flag per described field of the dataclass `options` but those in `skip`, each in its `--help` section
+    (sections are made in the order of GROUPS, only where they get a flag); fields in `exclusive` exclude one another."""
+    defaults = options()
+    fields = [f for f in dataclasses.fields(options) if f.metadata["flag"] and f.name not in skip]
+    used = {f.metadata["group"] for f in fields}
+    sections = {title: parser.add_argument_group(title, about) for title, about in GROUPS.items() if title in used}
+    either = {}
+    for f in fields:
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f.metadata["help"]
+        if "default:" not in help_text:
+            help_text += f" (default: {shown})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        target = sections[f.metadata["group"]]
+        if f.name in exclusive:
+            if f.metadata["group"] not in either:
+                either[f.metadata["group"]] = target.add_mutually_exclusive_group()
+            target = either[f.metadata["group"]]
+        if f.type == "bool":
+            target.add_argument(flag(f.name), action="store_true", help=help_text)
+        else:
+            choices = {"format": FORMATS, "dtype": DTYPES}.get(f.name)
+            target.add_argument(flag(f.name), metavar=f.metadata["metavar"], choices=choices, help=help_text)
+
+
+def build_parser(task: str, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """Flags for every JobConfig option but those in `skip`. Defaults are SUPPRESSed so only flags the user typed
+    override the file."""
     parser = argparse.ArgumentParser(
         prog=f"{task}.py", argument_default=argparse.SUPPRESS,
         description=f"trimlens {task} job: images from object storage through LLaVA with visual-token reduction; "
                     "Parquet results + a per-batch cost ledger. Exit status 2: the job was refused before it started.")
     parser.add_argument("--config", metavar="job.yaml", help="YAML or JSON file with the same settings "
                         "(keys are the flag names, - or _); flags override it (default: none)")
-    sections = {title: parser.add_argument_group(title, about) for title, about in GROUPS.items()}
-    budget = sections["model and reduction"].add_mutually_exclusive_group()
-    for f in dataclasses.fields(JobConfig):
-        if not f.metadata["flag"]:
-            continue
-        default = getattr(defaults, f.name)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f.metadata["help"]
-        if "default:" not in help_text:
-            help_text += f" (default: {shown})"
-        target = budget if f.name in ("visual_tokens", "ratio") else sections[f.metadata["group"]]
-        if f.type == "bool":
-            target.add_argument(flag(f.name), action="store_true", help=help_text)
-        else:
-            choices = {"format": FORMATS, "dtype": DTYPES}.get(f.name)
-            target.add_argument(flag(f.name), metavar=f.metadata["metavar"], choices=choices, help=help_text)
+    add_flags(parser, JobConfig, exclusive=("visual_tokens", "ratio"), skip=skip)
     return parser
 
 
@@ -217,7 +245,11 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def parse_args(task: str, argv: list[str] | None = None) -> JobConfig:
     """Flags (and the --config file they name) -> a validated JobConfig for `task`. Raises ConfigError."""
-    flags = vars(build_parser(task).parse_args(argv))
+    return job_config(task, vars(build_parser(task).parse_args(argv)))
+
+
+def job_config(task: str, flags: dict[str, Any]) -> JobConfig:
+    """Parsed flags (and the --config file they name) -> a validated JobConfig. Raises ConfigError."""
     settings = load_config_file(flags.pop("config")) if "config" in flags else {}
     settings.update(flags)
     known = {f.name for f in dataclasses.fields(JobConfig) if f.metadata["flag"]}
@@ -227,3 +259,20 @@ def parse_args(task: str, argv: list[str] | None = None) -> JobConfig:
     config = JobConfig(task=task, **{k: _coerce(k, v) for k, v in settings.items()})
     config.validate()
     return config
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One reduction setting a model actor runs: a method and its budget (none for `none`)."""
+    reducer: str
+    visual_tokens: int | None = None
+    ratio: float | None = None
+
+    def budget(self) -> dict[str, Any]:
+        """The budget arguments of reducers.attach / reducers.validate."""
+        return {k: v for k, v in (("visual_tokens", self.visual_tokens), ("ratio", self.ratio)) if v is not None}
+
+    @property
+    def label(self) -> str:
+        """e.g. `visionzip@ratio=0.33`, or `none`."""
+        return self.reducer + "".join(f"@{k}={v}" for k, v in self.budget().items())

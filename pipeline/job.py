@@ -15,8 +15,9 @@ import pyarrow.fs as pafs
 import ray
 import ray.data
 
+from pipeline import audit
 from pipeline.bundled import BUNDLED_MODEL, default_prompts, resolve_model
-from pipeline.config import ConfigError, JobConfig, flag_setting, parse_args
+from pipeline.config import ConfigError, Configuration, JobConfig, flag_setting, parse_args
 from pipeline.decode import prepare
 from pipeline.progress import Progress
 from pipeline.sinks import ShardSink, shard_folder
@@ -80,7 +81,7 @@ def plan(config: JobConfig) -> Plan:
     if shards[0].format == "parquet":
         check_parquet_columns(input_fs, shards[0], config)
     output_fs, output_root = open_uri(config.output, "--output")
-    sink = ShardSink(output_fs, output_root)
+    sink = ShardSink(output_fs, output_root, config.configuration().label, config.task)
     sink.check_writable(config.output)
     check_reducer(load_model_config(config.model), config)
     check_instruction(config)
@@ -97,14 +98,17 @@ def actor_resources(config: JobConfig, cluster_gpus: float) -> tuple[float, floa
     return gpus, cpus
 
 
-def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard]) -> ray.data.Dataset:
+def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard],
+                  configurations: list[Configuration] | None = None) -> ray.data.Dataset:
+    """The job's stages; `configurations` (the planner's sweep) runs every row through each of them."""
     from pipeline.actor import ModelActor
 
     gpus, cpus = actor_resources(config, ray.cluster_resources().get("GPU", 0))
     lo, hi = config.actors
     return (ray.data.read_datasource(ShardSource(fs, pending, config))
             .map_batches(prepare, fn_kwargs={"config": config}, batch_size=config.batch_size, batch_format="pyarrow")
-            .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus},
+            .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus,
+                                                               "configurations": configurations},
                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=config.batch_size,
                          batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus))
 
@@ -133,9 +137,12 @@ def run(config: JobConfig) -> dict[str, Any]:
 
 def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
     done = job.sink.completed()
-    ledger, rows, errors = job.sink.ledger, job.sink.rows, job.sink.errors
-    device_seconds = sum(c["device_seconds"] for c in ledger)
-    cost = sum(c["cost_usd"] for c in ledger)
+    rows, errors = job.sink.rows, job.sink.errors
+    label = config.configuration().label
+    ledger = [c for c in job.sink.ledger if c["configuration"] == label]   # the job's own batches, not the audit's
+    audit_cost = sum(c["cost_usd"] for c in job.sink.ledger if c["configuration"] != label)
+    device_seconds = sum(c["device_seconds"] for c in job.sink.ledger)
+    cost = sum(c["cost_usd"] for c in job.sink.ledger)
     summary = {
         "rows": sum(d["rows"] for d in done.values()), "errors": sum(d["errors"] for d in done.values()),
         "rows_this_run": rows, "errors_this_run": errors,
@@ -149,6 +156,10 @@ def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
         "visual_tokens_in": sum(c["visual_tokens_in"] for c in ledger),
         "visual_tokens_kept": sum(c["visual_tokens_kept"] for c in ledger), "settings": config.settings(),
     }
+    if config.audit_share > 0:  # over every finished shard, this run's and earlier runs'
+        summary["audit"] = audit.summarize(sum(d.get("audited", 0) for d in done.values()),
+                                           sum(d.get("agreement_sum", 0.0) for d in done.values()),
+                                           audit_cost, config.audit_share, config.task)
     job.sink.write_summary(summary)
     return summary
 
@@ -179,4 +190,10 @@ def report(summary: dict[str, Any]) -> str:
         lines.append(f"FLOPs {summary['flops_total']:.3g} against {summary['flops_total_unreduced']:.3g} with none "
                      f"({saved:.2f}x); cost ${summary['cost_usd']:.4g} against ~${summary['cost_usd'] / saved:.4g} with "
                      f"none (priced by FLOPs; at --price-per-gpu-hour {settings['price_per_gpu_hour']})")
+    if "audit" in summary:
+        a = summary["audit"]
+        low, high = a["agreement_ci"]
+        agree = "n/a" if a["agreement"] is None else f"{a['agreement']:.3f} (95 % CI {low:.3f}-{high:.3f})"
+        lines.append(f"audit: {a['rows']} rows also run unreduced, agreement {agree} by {a['metric']}, "
+                     f"${a['cost_usd']:.4g} -> {output}/audit/")
     return "\n".join(lines)

@@ -255,6 +255,22 @@ def caption(scene: Scene) -> str:
     return " , ".join(f"a {o.name}" for o in caption_order(scene))
 
 
+def write_parquet(path, seeds) -> None:
+    """Scenes as a user's Parquet shard (`id`, PNG `image`, true `caption`): planner tests and benchmarks."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for seed in seeds:
+        scene = generate_scene(seed)
+        buffer = io.BytesIO()
+        render_scene(scene)[0].save(buffer, "PNG")
+        rows.append({"id": f"scene-{seed}", "image": buffer.getvalue(), "caption": caption(scene)})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
 def benchmark_item(seed: int, task: str, size: int = 168) -> tuple[Scene, Question]:
     """The scene and question of one benchmark item: the first attempt for `seed` whose scene can pose `task`."""
     attempt = 0

@@ -36,8 +36,17 @@ COST_SCHEMA = pa.schema([
     ("flops_total_unreduced", pa.int64()),  # what the batch would have cost with `none` (accounting.unreduced_cost)
     ("kv_bytes_peak", pa.int64()), ("wall_s", pa.float64()), ("device", pa.string()),
     ("device_seconds", pa.float64()), ("cost_usd", pa.float64()),
+    ("configuration", pa.string()),  # the job's reducer and budget, or `none` for a batch of --audit-share rows
 ])
 
-# actor.ModelActor -> driver: result rows with their shard's row count; the first row of each model batch also
-# carries that batch's ledger row as JSON (one table type through Ray Data instead of two outputs).
-OUTPUT_SCHEMA = RESULT_SCHEMA.append(pa.field("shard_rows", pa.int64())).append(pa.field("cost", pa.string()))
+# OUTPUT/audit: one row per audited row (--audit-share): the job's output next to the unreduced model's.
+AUDIT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("shard", pa.string()), ("text", pa.string()), ("unreduced_text", pa.string()),
+    ("agreement", pa.float64()),  # agreement.METRICS[task](text, unreduced_text); null when either row failed
+])
+
+# actor.ModelActor -> driver: result rows with their shard's row count and their configuration's label (the planner
+# runs several per row); the first row of each model batch also carries that batch's ledger row as JSON (one table
+# type through Ray Data instead of two outputs).
+OUTPUT_SCHEMA = (RESULT_SCHEMA.append(pa.field("shard_rows", pa.int64())).append(pa.field("configuration", pa.string()))
+                 .append(pa.field("cost", pa.string())))

@@ -3,7 +3,8 @@
 Layout under OUTPUT (plain Parquet files; pandas, duckdb and pyarrow read them directly):
     results/<shard>/part-0.parquet   one row per input row (RESULT_SCHEMA)
     costs/<shard>/part-0.parquet     one row per model batch (COST_SCHEMA)
-    results/<shard>/_SUCCESS         JSON {rows, errors}: the shard is complete; written after both tables
+    audit/<shard>/part-0.parquet     --audit-share: the audited rows' outputs beside the unreduced ones (AUDIT_SCHEMA)
+    results/<shard>/_SUCCESS         JSON {rows, errors, audited, agreement_sum}: the shard is complete; written last
     summary.json
 
 Why the driver writes: a shard's files are written once, when all its rows are in, so an interrupted job leaves
@@ -23,8 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import audit
+from pipeline.agreement import METRICS
 from pipeline.config import ConfigError
 from pipeline.schema import COST_SCHEMA, RESULT_SCHEMA
+
+FOLDERS = ("results", "costs", "audit")
 
 MARKER = "_SUCCESS"
 
@@ -36,9 +41,12 @@ def shard_folder(shard: str) -> str:
 
 
 class ShardSink:
-    def __init__(self, fs: pafs.FileSystem, root: str):
+    def __init__(self, fs: pafs.FileSystem, root: str, configuration: str, task: str):
         self.fs, self.root = fs, root.rstrip("/")
+        self.configuration = configuration          # the job's label: rows of any other configuration are audit rows
+        self.metric = METRICS[task]
         self._results: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._audit: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._costs: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._expected: dict[str, int] = {}
         self.seen: set[str] = set()                 # shards that sent at least one row in this run
@@ -61,7 +69,7 @@ class ShardSink:
 
     def clear(self) -> None:
         """--overwrite: remove everything a previous run wrote (and nothing else under OUTPUT)."""
-        for folder in ("results", "costs"):
+        for folder in FOLDERS:
             if self.fs.get_file_info(self._path(folder)).type == pafs.FileType.Directory:
                 self.fs.delete_dir(self._path(folder))
         if self.fs.get_file_info(self._path("summary.json")).type == pafs.FileType.File:
@@ -79,7 +87,7 @@ class ShardSink:
 
     def discard_partial(self, shard: str) -> None:
         """Remove what an interrupted run left of a shard that has no marker."""
-        for folder in ("results", "costs"):
+        for folder in FOLDERS:
             path = self._path(folder, shard_folder(shard))
             if self.fs.get_file_info(path).type == pafs.FileType.Directory:
                 self.fs.delete_dir(path)
@@ -97,6 +105,9 @@ class ShardSink:
             if cost is not None:
                 self._costs[shard].append(json.loads(cost))
                 self.ledger.append(self._costs[shard][-1])
+            if row.pop("configuration") != self.configuration:  # the actor sends a batch's audit rows first
+                self._audit[shard].append(row)
+                continue
             self._results[shard].append(row)
             self.rows += 1
             self.errors += row["error"] is not None
@@ -114,15 +125,22 @@ class ShardSink:
         self._write_shard(shard)
 
     def _write_shard(self, shard: str) -> None:
-        results = pa.Table.from_pylist(self._results.pop(shard, []), schema=RESULT_SCHEMA)
-        costs = pa.Table.from_pylist(self._costs.pop(shard, []), schema=COST_SCHEMA)
+        result_rows = self._results.pop(shard, [])
+        results = pa.Table.from_pylist(result_rows, schema=RESULT_SCHEMA)
+        tables = {"results": results, "costs": pa.Table.from_pylist(self._costs.pop(shard, []), schema=COST_SCHEMA)}
+        audited = self._audit.pop(shard, [])
+        if audited:
+            tables["audit"] = audit.scored(result_rows, audited, self.metric)
         folder = shard_folder(shard)
-        for name, table in (("results", results), ("costs", costs)):
+        for name, table in tables.items():
             self.fs.create_dir(self._path(name, folder), recursive=True)
             pq.write_table(table, self._path(name, folder, "part-0.parquet"), filesystem=self.fs)
         errors = pc.sum(results.column("error").is_valid()).as_py() or 0
+        scores = tables["audit"].column("agreement").drop_null() if audited else pa.array([], pa.float64())
+        marker = {"rows": len(results), "errors": errors, "audited": len(scores),
+                  "agreement_sum": pc.sum(scores).as_py() or 0.0}
         with self.fs.open_output_stream(self._path("results", folder, MARKER)) as f:
-            f.write(json.dumps({"rows": len(results), "errors": errors}).encode())
+            f.write(json.dumps(marker).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         with self.fs.open_output_stream(self._path("summary.json")) as f:
