@@ -175,6 +175,8 @@ def merge_most_similar(hidden: Tensor, targets: Tensor, targets_valid: Tensor, s
     hidden [N, V, D] candidates; targets [N, A] and sources [N, B] index into them. Returns the targets' new states
     [N, A, D] and which sources were absorbed [N, B] (the others stay as they are).
     """
+    if targets.shape[1] == 0:  # no targets in any row (a selection of 0 or 1 tokens): nothing merges
+        return hidden.new_zeros(targets.shape[0], 0, hidden.shape[2]), torch.zeros_like(sources_valid)
     target_hidden, source_hidden = gather_rows(hidden, targets), gather_rows(hidden, sources)
     unit_t, unit_s = F.normalize(target_hidden.float(), dim=-1), F.normalize(source_hidden.float(), dim=-1)
     sim = (unit_s @ unit_t.transpose(1, 2)).masked_fill(~targets_valid[:, None, :], float("-inf"))  # [N, B, A]
