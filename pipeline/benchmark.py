@@ -125,8 +125,8 @@ def run(model, processor, reducer: str, visual_tokens: int | None = None, ratio:
     result = score(question_set, question_answers, caption_set, caption_texts)
     examples = [{"question": item.question.text, "expected": item.question.answer, "answer": text}
                 for item, text in list(zip(question_set, question_answers))[:len(TASKS)]]
-    return {"reducer": reducer, "params": params or {}, "visual_tokens": visual_tokens, "ratio": ratio, "seed_start": seed_start,
-            "questions": questions, "captions": captions, **result, "examples": examples}
+    return {"reducer": reducer, "params": params or {}, "visual_tokens": visual_tokens, "ratio": ratio,
+            "seed_start": seed_start, "questions": questions, "captions": captions, **result, "examples": examples}
 
 
 def retention(reduced: float | None, unreduced: float | None) -> float | None:

@@ -126,7 +126,8 @@ def merge_self_preserving_(kept_hidden: Tensor, dropped_hidden: Tensor, alpha: T
 
 
 def nearest_targets(members: Tensor, targets: Tensor, targets_valid: Tensor, members_valid: Tensor) -> Tensor:
-    """correlate by cosine similarity: for each member [N, M, C] the index [N, M] of its most similar target [N, T, C]."""
+    """correlate by cosine similarity: for each member [N, M, C] the index [N, M] of its most similar target
+    [N, T, C]."""
     unit_m, unit_t = F.normalize(members.float(), dim=-1), F.normalize(targets.float(), dim=-1)
     sim = (unit_m @ unit_t.transpose(1, 2)).masked_fill(~targets_valid[:, None, :], float("-inf"))  # [N, M, T]
     return sim.argmax(-1).masked_fill(~members_valid, 0)

@@ -65,7 +65,8 @@ def descending(score: Tensor) -> Tensor:
 
 
 def fastv_reference(step: Step) -> tuple[set[int], States]:
-    """FastV (pkunlp-icler/FastV, src/transformers/src/transformers/models/llama/modeling_llama.py): the last token's head-mean attention at layer K-1; keep the top `keep`."""
+    """FastV (pkunlp-icler/FastV, src/transformers/src/transformers/models/llama/modeling_llama.py): the last
+    token's head-mean attention at layer K-1; keep the top `keep`."""
     cand = step.cand[0]
     score = attention(step, [step.q.shape[2] - 1])[0, cand]
     return set(descending(score)[:int(step.keep[0])].tolist()), {}
@@ -107,7 +108,8 @@ def local_penalty(score: Tensor, step: Step, factor: float) -> Tensor:
     boost = torch.ones(h * w, dtype=torch.float64)
     for top in range(0, h, 2):
         for left in range(0, w, 2):
-            cells = torch.tensor([r * w + c for r in range(top, min(top + 2, h)) for c in range(left, min(left + 2, w))])
+            cells = torch.tensor([r * w + c for r in range(top, min(top + 2, h))
+                                  for c in range(left, min(left + 2, w))])
             boost[cells[grid[cells].argmax()]] = factor
     return shifted * boost[slots]
 
