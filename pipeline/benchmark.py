@@ -113,19 +113,20 @@ def score(questions: list[Item], question_answers: list[str], captions: list[Ite
 
 def run(model, processor, reducer: str, visual_tokens: int | None = None, ratio: float | None = None,
         seed_start: int = HELD_OUT_SEED_START, questions: int = DEFAULT_QUESTIONS, captions: int = DEFAULT_CAPTIONS,
-        batch_size: int = 32) -> dict:
-    """Score one method at one budget on the held-out set (the method attached through `reducers.attach`)."""
+        batch_size: int = 32, params: dict | None = None) -> dict:
+    """Score one method at one budget on the held-out set (the method attached through `reducers.attach`, with its
+    hyperparameters `params`; None: its defaults)."""
     size = image_size_of(processor)
     question_set, caption_set = question_items(seed_start, questions, size), caption_items(seed_start, captions, size)
     budget = {} if reducer == "none" else {"visual_tokens": visual_tokens, "ratio": ratio}
-    with reducers.attach(model, reducer, **budget) as attachment:
+    with reducers.attach(model, reducer, **budget, **(params or {})) as attachment:
         question_answers = answer(model, processor, question_set, ANSWER_TOKENS, batch_size, attachment)
         caption_texts = answer(model, processor, caption_set, CAPTION_TOKENS, batch_size, attachment)
     result = score(question_set, question_answers, caption_set, caption_texts)
     examples = [{"question": item.question.text, "expected": item.question.answer, "answer": text}
                 for item, text in list(zip(question_set, question_answers))[:len(TASKS)]]
-    return {"reducer": reducer, "visual_tokens": visual_tokens, "ratio": ratio, "seed_start": seed_start,
-            "questions": questions, "captions": captions, **result, "examples": examples}
+    return {"reducer": reducer, "params": params or {}, "visual_tokens": visual_tokens, "ratio": ratio,
+            "seed_start": seed_start, "questions": questions, "captions": captions, **result, "examples": examples}
 
 
 def retention(reduced: float | None, unreduced: float | None) -> float | None:

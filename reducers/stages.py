@@ -125,14 +125,11 @@ def merge_self_preserving_(kept_hidden: Tensor, dropped_hidden: Tensor, alpha: T
     return kept_hidden
 
 
-def nearest_targets(features: Tensor, targets: Tensor, targets_valid: Tensor, members_valid: Tensor) -> Tensor:
-    """correlate by cosine similarity: for each member [N, M, C] the index of its most similar target.
-
-    targets [N, T] index into the members; returns [N, M] indices into `targets`.
-    """
-    unit = F.normalize(features.float(), dim=-1)
-    sim = unit @ gather_rows(unit, targets).transpose(1, 2)  # [N, M, T]
-    sim = sim.masked_fill(~targets_valid[:, None, :], float("-inf"))
+def nearest_targets(members: Tensor, targets: Tensor, targets_valid: Tensor, members_valid: Tensor) -> Tensor:
+    """correlate by cosine similarity: for each member [N, M, C] the index [N, M] of its most similar target
+    [N, T, C]."""
+    unit_m, unit_t = F.normalize(members.float(), dim=-1), F.normalize(targets.float(), dim=-1)
+    sim = (unit_m @ unit_t.transpose(1, 2)).masked_fill(~targets_valid[:, None, :], float("-inf"))  # [N, M, T]
     return sim.argmax(-1).masked_fill(~members_valid, 0)
 
 
@@ -146,12 +143,14 @@ def average_groups(hidden: Tensor, assignment: Tensor, members_valid: Tensor, n_
     return (sums / counts[..., None].clamp(min=1)).to(hidden.dtype)
 
 
-def spaced(count: Tensor, available: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """`count` [N] uniformly spaced indices into the first `available` [N] members of each row: [N, width] + valid."""
+def strided(count: Tensor, available: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """`count` [N] indices into the first `available` [N] members of each row at a fixed stride, 0, s, 2s, ... with
+    s = max(1, available // count) (so the last stretch is wider when count does not divide available): [N, width]
+    + valid."""
     i = torch.arange(width, device=count.device)
-    index = torch.div(i * available[:, None], count.clamp(min=1)[:, None], rounding_mode="floor")
-    valid = i < count[:, None]
-    return index.masked_fill(~valid, 0), valid
+    stride = torch.div(available, count.clamp(min=1), rounding_mode="floor").clamp(min=1)  # [N]
+    valid = (i < count[:, None]) & (i * stride[:, None] < available[:, None])
+    return (i * stride[:, None]).masked_fill(~valid, 0), valid
 
 
 def descending_position(score: Tensor) -> Tensor:
@@ -177,6 +176,8 @@ def merge_most_similar(hidden: Tensor, targets: Tensor, targets_valid: Tensor, s
     hidden [N, V, D] candidates; targets [N, A] and sources [N, B] index into them. Returns the targets' new states
     [N, A, D] and which sources were absorbed [N, B] (the others stay as they are).
     """
+    if targets.shape[1] == 0:  # no targets in any row (a selection of 0 or 1 tokens): nothing merges
+        return hidden.new_zeros(targets.shape[0], 0, hidden.shape[2]), torch.zeros_like(sources_valid)
     target_hidden, source_hidden = gather_rows(hidden, targets), gather_rows(hidden, sources)
     unit_t, unit_s = F.normalize(target_hidden.float(), dim=-1), F.normalize(source_hidden.float(), dim=-1)
     sim = (unit_s @ unit_t.transpose(1, 2)).masked_fill(~targets_valid[:, None, :], float("-inf"))  # [N, B, A]

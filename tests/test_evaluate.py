@@ -107,3 +107,22 @@ def test_a_missing_model_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         evaluate_job.parse_args(["--model", str(tmp_path / "nowhere"), "--reducer", "none"])
     assert exit_.value.code == 2 and "no model at" in capsys.readouterr().err
+
+
+def test_quality_benchmark_method_specs_carry_hyperparameters(random_reference):
+    from benchmarks.quality import parse_spec
+    from pipeline import benchmark
+    from pipeline.reference import load_reference
+    assert parse_spec("tokencarve:fp64_eigh=True:select=1.25") == ("tokencarve", {"fp64_eigh": True, "select": 1.25})
+    assert parse_spec("visionzip") == ("visionzip", {})
+    with pytest.raises(ValueError, match="expected name:param=value"):
+        parse_spec("tokencarve:fp64_eigh")
+    with pytest.raises(ValueError, match="no parameter"):
+        parse_spec("visionzip:spacing=floor")  # the former variants are gone
+    torch.set_num_threads(1)
+    model, processor = load_reference(random_reference)
+    common = dict(visual_tokens=16, questions=7, captions=1, batch_size=8)
+    seeds = [benchmark.run(model, processor, "random", params={"seed": seed}, **common) for seed in (0, 1)]
+    assert [r["params"] for r in seeds] == [{"seed": 0}, {"seed": 1}]
+    # a different seed keeps other patches: on a random model the answers change with them
+    assert [e["answer"] for e in seeds[0]["examples"]] != [e["answer"] for e in seeds[1]["examples"]]

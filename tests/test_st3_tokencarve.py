@@ -296,6 +296,24 @@ def test_tokencarve_merges_half_a_budget_of_selected_tokens_into_the_top_half():
     assert (changed >= 1).all() and (changed <= target // 2).all()
 
 
+@pytest.mark.parametrize("budget,keep", [(36, 0), (37, 1)])
+def test_tokencarve_at_its_smallest_budgets_merges_nothing(budget, keep):
+    """Near the smallest reachable budget K keeps 0 or 1 tokens: n = keep selected, A = int(0.5 * n) = 0 tokens, so
+    nothing can merge (this once raised on the empty A) and what is kept keeps its state."""
+    tiny = get_tiny("llava")
+    with pytest.raises(ValueError, match="smallest budget it can meet is 36 "):  # 576 tokens, 32 layers, K = 2
+        reducers.validate(tiny.model.config, "tokencarve", visual_tokens=35)
+    calls = []
+    with reducers.attach(tiny.model, "tokencarve", visual_tokens=budget) as att:
+        reduce = att.method.reduce_llm
+        att.method.reduce_llm = lambda step: calls.append((step, reduce(step))) or calls[-1][1]
+        generate(tiny.model, tiny.inputs())
+    (step, result), = calls
+    assert (step.keep == keep).all() and (result.kept_valid.sum(1) == keep).all()
+    kept_before = step.hidden_cand.gather(1, result.kept[..., None].expand(-1, -1, step.hidden.shape[-1]))
+    assert torch.equal(result.hidden, kept_before)
+
+
 @pytest.mark.parametrize("method", ["st3", "tokencarve"])
 def test_shallow_models_get_the_relative_schedule(method):
     # 8 layers: ST3's every-4th-of-32 lands on layers 1, 2, 4, 6, 7 (adjacent pruning layers); TokenCarve's K on 1

@@ -5,8 +5,9 @@ at layer K-1 from the last prompt token (head mean), which under causal attentio
   select  info_i = ||(U S)_i||_1 from X = U S V^T (reducers.spectral); attn_i = the last token's attention to i.
           Each ranking gives weights n, n-1, ..., 1; fused = info_weight * w_info + (1 - info_weight) * w_attn;
           keep the top `select` x T (T: the site's keep count).
-  merge   those split by fused rank into A (top half, rounded up) and B; each B token finds its most cosine-similar
-          A token and the (select - 1) x T most similar B tokens are averaged into their A partner: T remain.
+  merge   those n split by fused rank into A (the top n // 2: the authors' int(0.5 * n), ShawnTan86/TokenCarve
+          modeling_llama.py) and B; each B token finds its most cosine-similar A token and the (select - 1) x T most
+          similar B tokens are averaged into their A partner: T remain.
 Kept tokens keep their original positions. The caches of layers < K are cut to the kept tokens too (the authors do;
 `prune_cache_before`); a merged A token keeps its own earlier-layer entries. Default K = 2 of 32 (the authors';
 their advice is 0.1-0.3 x depth for short answers, later for long generation).
@@ -45,7 +46,7 @@ class TokenCarve(Method):
         fused = (self.info_weight * rank_weights(info, valid)
                  + (1 - self.info_weight) * rank_weights(last_token_attention(step), valid))
         selected = torch.minimum(step.keep + torch.floor((self.select - 1) * step.keep).long(), valid.sum(1))  # [N]
-        top = split(step, fused, keep=(selected + 1) // 2)  # A
+        top = split(step, fused, keep=selected // 2)  # A: int(0.5 * selected), as the authors do
         top_mask = unpack(top.kept, top.kept_valid, width)
         chosen = split(step, fused, keep=selected)
         rest, rest_valid = pack(unpack(chosen.kept, chosen.kept_valid, width) & ~top_mask)  # B
