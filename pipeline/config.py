@@ -73,6 +73,16 @@ class JobConfig:
                                    "NAME")
     images_per_shard: int = _opt(1000, "image-folder input: images per shard (the unit of progress and resume)",
                                 "N")
+    max_image_pixels: int = _opt(25_000_000, "images with more pixels than this (width x height, read from the "
+                                             "file header before decoding) become error rows; a JPEG is decoded at "
+                                             "1/2, 1/4 or 1/8 scale when that brings it under. The default is far "
+                                             "above what LLaVA processors use (336x336; AnyRes up to 672x1344) and "
+                                             "bounds one decoded image to ~75 MB RGB, where PIL's own bomb limit "
+                                             "(179 M pixels) lets a small PNG grow a worker by gigabytes", "N")
+    io_retry_seconds: float = _opt(120.0, "how long an object-store call (listing, reading, writing) is retried with "
+                                          "backoff before the job fails (exit status 1; rerun to resume). 120 s "
+                                          "rides out a storage restart or a network blip, yet a real outage fails a "
+                                          "nightly job within minutes", "S")
 
     def __post_init__(self) -> None:
         for name, text in default_prompts(self.model).items():  # the defaults depend on the model
@@ -92,9 +102,11 @@ class JobConfig:
         lo, hi = self.actors
         if not 1 <= lo <= hi:
             raise ConfigError(f"--actors must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
-        for name in ("max_new_tokens", "batch_size", "images_per_shard"):
+        for name in ("max_new_tokens", "batch_size", "images_per_shard", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.io_retry_seconds < 0:
+            raise ConfigError("--io-retry-seconds must be 0 or more")
 
     def budget(self) -> dict[str, Any]:
         """The budget arguments of reducers.attach / reducers.validate that the job sets."""

@@ -67,6 +67,18 @@ def bad_images() -> dict[str, bytes]:
     return {"truncated.jpg": jpeg[: len(jpeg) // 2], "zero.jpg": b"", "text.jpg": b"this is not an image\n"}
 
 
+def bomb_png(side: int = 12000) -> bytes:
+    """A decompression bomb below PIL's own limit: side x side pixels (144 M at 12000) in a PNG of a few hundred KB;
+    decoded to RGB it would take 3 bytes a pixel."""
+    return _encode(Image.new("1", (side, side), 1), "PNG")
+
+
+def hostile_samples() -> dict[str, bytes]:
+    """Tar member names a careless reader would act on: a path out of the shard, a 10,000-character key."""
+    good = good_images(3, seed=21)
+    return {"../escape.jpg": good[0], "a/../../up.jpg": good[1], f"{'k' * 10_000}.jpg": good[2]}
+
+
 def write_parquet_shard(path: Path, samples: dict[str, bytes], questions: dict[str, str] | None = None) -> None:
     ids = list(samples)
     columns = {"id": ids, "image": [samples[i] for i in ids]}
