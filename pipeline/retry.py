@@ -1,10 +1,15 @@
 """Object-store calls that wait out a short outage: retried with exponential backoff for up to
 `--io-retry-seconds` of continuous failure, one log line per wait, then one clear error.
 
-pyarrow's S3 client retries a request a few times within seconds and Ray Data's `DataContext.retried_io_errors`
-covers only Ray's own file readers and writers; this job reads through its own datasource and writes on the
-driver, so both sides wrap their calls here. Only errors that say the store could not be reached (or was
-overloaded) are retried; a missing file or a refused permission fails at once, as before.
+Why not only the knobs that exist: pyarrow's S3 client retries a request a few times within seconds
+(AwsStandardS3RetryStrategy counts attempts, it has no time budget). Ray Data retries I/O errors listed in
+`DataContext.retried_io_errors` only inside its own file readers and writers, which this job does not use (its
+datasource reads shards itself; the driver writes), and `retried_map_errors` / `max_map_retries` replay a map task
+a number of times with full-jitter backoff; both log at debug level and neither has a time window. So listing,
+reads and writes go through here, which uses Ray's list of retried errors (plus curl's connection errors) to decide
+what is worth waiting for, and replays a read the way Ray does (skipping what was already handed on). S3 clients
+are made to give up quickly (`fail_fast`) so that this window is the one that counts. A missing file or a refused
+permission fails at once, as before.
 """
 from __future__ import annotations
 
@@ -12,13 +17,18 @@ import logging
 import time
 from typing import Callable, Iterator, TypeVar
 
+import pyarrow.fs as pafs
+from ray.data import DataContext
+
 T = TypeVar("T")
 log = logging.getLogger("trimlens.retry")
 
-# Substrings of the messages pyarrow (AWS SDK / curl), gcsfs and the OS give when a store is unreachable or busy.
-TRANSIENT_MARKS = ("curlCode", "NETWORK_CONNECTION", "Couldn't connect", "Connection refused", "Connection reset",
-                   "timed out", "Timeout", "Broken pipe", "SlowDown", "ServiceUnavailable", "Service Unavailable",
-                   "InternalError", "RequestTimeout", "HTTP response code: 5", "Unable to connect")
+# What says "the store could not be reached or was busy", beyond Ray Data's own list (DataContext.retried_io_errors,
+# the AWS SDK's NETWORK_CONNECTION / SLOW_DOWN / 503 ...): curl's and the OS's words for refused or timed-out
+# connections, as pyarrow's S3 client and other filesystems report them.
+CONNECTION_MARKS = ("curlCode", "Could not connect", "Couldn't connect", "Connection refused", "Connection reset",
+                    "timed out", "Timeout", "Broken pipe", "Unable to connect", "Service Unavailable")
+S3_ATTEMPTS = 2  # per call inside pyarrow's S3 client; the waiting is done here
 FIRST_WAIT_S = 1.0
 LONGEST_WAIT_S = 15.0
 
@@ -28,7 +38,10 @@ class ObjectStoreUnavailable(RuntimeError):
 
 
 def is_transient(error: BaseException) -> bool:
-    return isinstance(error, OSError) and any(mark in str(error) for mark in TRANSIENT_MARKS)
+    if not isinstance(error, OSError):
+        return False
+    text = str(error)
+    return any(mark in text for mark in (*DataContext.get_current().retried_io_errors, *CONNECTION_MARKS))
 
 
 class Outage:
@@ -59,6 +72,17 @@ class Outage:
                     what, reason, pause, left)
         self.sleep(pause)
         self.next_wait = min(2 * self.next_wait, LONGEST_WAIT_S)
+
+
+def fail_fast(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """The same filesystem, but an S3 one gives up a call after S3_ATTEMPTS tries (~3 s each against a store that
+    does not answer) instead of pyarrow's default of retrying silently for ~100 s, so the outage window, its log
+    lines and its error are this module's. The retry strategy does not survive pickling: apply this again after
+    a filesystem has been shipped to a Ray task."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return fs
+    _, (settings,) = fs.__reduce__()  # every option the filesystem was made with (endpoint, region, keys, ...)
+    return pafs.S3FileSystem(**settings, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
 
 
 def call(fn: Callable[[], T], what: str, window_s: float) -> T:

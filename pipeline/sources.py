@@ -38,7 +38,8 @@ def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """URI or local path -> (filesystem, path inside it). Raises ConfigError for an unusable URI."""
     try:
         if "://" in uri:
-            return pafs.FileSystem.from_uri(uri)
+            fs, path = pafs.FileSystem.from_uri(uri)
+            return retry.fail_fast(fs), path
         return pafs.LocalFileSystem(), posixpath.abspath(uri)
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"cannot open {uri}: {e}") from None
@@ -127,6 +128,7 @@ def read_shard(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> Iterator
     """The shard's rows (SOURCE_SCHEMA) in tables of --batch-size rows. `shard_rows` is null except on the last
     table, which carries the shard's row count: a tar's count is known only once it has been read through."""
     rows = {"parquet": _parquet_rows, "webdataset": _webdataset_rows, "images": _image_rows}[shard.format]
+    fs = retry.fail_fast(fs)  # shipped from the driver: pickling dropped the S3 retry strategy
     pending: list[dict[str, Any]] = []
     count = 0
     for row in retry.resumable(lambda: rows(fs, shard, config), f"reading {shard.name}", config.io_retry_seconds):

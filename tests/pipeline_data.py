@@ -129,6 +129,13 @@ def _wait_port(port: int, seconds: float) -> None:
 @contextmanager
 def seaweedfs(workdir: Path, bucket: str):
     """A real S3 server on loopback; yields the AWS_* environment that points every client at it."""
+    with seaweedfs_server(workdir, bucket) as (env, _):
+        yield env
+
+
+@contextmanager
+def seaweedfs_server(workdir: Path, bucket: str):
+    """seaweedfs(), also yielding the server process (to stop and resume it: an outage)."""
     workdir.mkdir(parents=True, exist_ok=True)
     keys = {"identities": [{"name": "test", "credentials": [{"accessKey": "trimlens", "secretKey": "trimlens-secret"}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
@@ -148,7 +155,7 @@ def seaweedfs(workdir: Path, bucket: str):
         env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}", "AWS_ACCESS_KEY_ID": "trimlens",
                "AWS_SECRET_ACCESS_KEY": "trimlens-secret", "AWS_REGION": "us-east-1"}
         _wait_bucket(env, bucket)
-        yield env
+        yield env, server
     finally:
         server.terminate()
         server.wait(timeout=30)
