@@ -117,10 +117,13 @@ def run(config: JobConfig) -> dict[str, Any]:
     if pending:
         ray.init(ignore_reinit_error=True)
         progress = Progress(len(job.shards), len(job.shards) - len(pending))
-        for out in build_dataset(config, job.input_fs, pending).iter_batches(batch_size=None, batch_format="pyarrow"):
-            finished = job.sink.add(out)
-            progress.update(len(out), len(finished))
-        progress.close()
+        try:
+            for out in build_dataset(config, job.input_fs, pending).iter_batches(batch_size=None,
+                                                                                 batch_format="pyarrow"):
+                finished = job.sink.add(out)
+                progress.update(len(out), len(finished))
+        finally:  # closed before any error line is printed, so that line stays the last one
+            progress.close()
         if job.sink.unfinished():
             raise RuntimeError(f"rows lost: shards {job.sink.unfinished()} ended incomplete")
     for shard in pending:
