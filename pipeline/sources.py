@@ -2,7 +2,9 @@
 
 All I/O goes through `pyarrow.fs`, which resolves s3:// (endpoint and keys from the standard AWS_* environment
 variables), gs://, file:// and local paths. The filesystem object is resolved once on the driver and shipped to
-the read tasks, so workers need no credentials of their own.
+the read tasks; keys that came from the environment are not part of it (pyarrow reads them again where it runs,
+an S3 read task without them gets ACCESS_DENIED), so the workers need the same AWS_* variables, as a cluster
+started with them has.
 """
 from __future__ import annotations
 
