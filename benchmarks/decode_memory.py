@@ -75,10 +75,10 @@ def main() -> None:
     folder = Path(args.folder)
     sizes = bomb_set(folder)
     limit = JobConfig().max_image_pixels
-    results = {name: {"bytes": sizes[name], **{
-        label: measure(next(folder.glob(f"{name}.*")), pixels)
-        for label, pixels in (("before (PIL's limit only)", PIL_LIMIT), (f"after (--max-image-pixels {limit})", limit))}}
-        for name in BOMBS}
+    settings = {"before (PIL's limit only)": PIL_LIMIT, f"after (--max-image-pixels {limit})": limit}
+    results = {name: {"bytes": sizes[name],
+                      **{label: measure(next(folder.glob(f"{name}.*")), pixels) for label, pixels in settings.items()}}
+               for name in BOMBS}
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -157,7 +157,9 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{task}.py", argument_default=argparse.SUPPRESS,
         description=f"trimlens {task} job: images from object storage through LLaVA with visual-token reduction; "
-                    "Parquet results + a per-batch cost ledger. Exit status 2: the job was refused before it started.")
+                    "Parquet results + a per-batch cost ledger. Exit status 2: the job was refused before it started; "
+                    "1: the object store stayed unreachable longer than --io-retry-seconds (run the same command "
+                    "again to resume).")
     parser.add_argument("--config", metavar="job.yaml", help="YAML or JSON file with the same settings "
                         "(keys are the flag names, - or _); flags override it (default: none)")
     budget = parser.add_mutually_exclusive_group()

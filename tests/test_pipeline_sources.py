@@ -131,7 +131,8 @@ def test_prepare_turns_each_row_into_tensors_or_an_error(tmp_path):
         rows = {r["id"]: r for r in out.to_pylist()}
         for name in bad_images():
             assert rows[name]["error"].startswith("cannot decode image") and rows[name]["inputs"] is None
-        assert rows["bomb.png"]["error"].startswith("image too large: 12000x12000") and rows["bomb.png"]["inputs"] is None
+        bomb = rows["bomb.png"]
+        assert bomb["error"].startswith("image too large: 12000x12000") and bomb["inputs"] is None
         for name in [*odd_images(), "good.jpg"]:
             arrays = unpack(rows[name]["inputs"])
             assert rows[name]["error"] is None and arrays["pixel_values"].shape == (3, 112, 112)
