@@ -174,6 +174,15 @@ def main() -> None:
     parser.add_argument("--skip-e2e", action="store_true", help="no Ray run")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="trimlens-scaling-") as scratch:
+        tempfile.tempdir = scratch  # every folder below (100,000 listed files included) is removed at the end
+        results = measure_all(args)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def measure_all(args: argparse.Namespace) -> dict:
     results = {"sink_local": sink_throughput(tempfile.mkdtemp(prefix="trimlens-sink-"), 100, args.sink_rows,
                                              args.batch)}
     if args.s3:
@@ -184,9 +193,7 @@ def main() -> None:
     results["planning"] = planning(args.list)
     if not args.skip_e2e:
         results["end_to_end"] = end_to_end(args.shards, args.rows, args.batch)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

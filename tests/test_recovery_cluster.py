@@ -12,6 +12,7 @@ is SIGSTOP / SIGCONT on its process, which leaves clients hanging exactly as an 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def cluster(store):
         yield cluster
     finally:
         cluster.shutdown()
+        shutil.rmtree(settings["RAY_TMPDIR"], ignore_errors=True)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name)
