@@ -60,7 +60,7 @@ def bare_loop(config: JobConfig, files: list[Path]) -> Timing:
     first_done, generating = None, 0.0
     for i in range(0, len(files), config.batch_size):
         chunk = files[i:i + config.batch_size]
-        images = [to_rgb(f.read_bytes()) for f in chunk]
+        images = [to_rgb(f.read_bytes(), config.max_image_pixels) for f in chunk]
         inputs = processor(images=images, text=[prompt] * len(chunk), padding=True, return_tensors="pt")
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         began = time.perf_counter()

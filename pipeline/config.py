@@ -107,6 +107,17 @@ class JobConfig:
                                 "NAME", group="input")
     images_per_shard: int = _opt(1000, "image-folder input: images per shard (the unit of progress and resume)",
                                  "N", group="input")
+    max_image_pixels: int = _opt(25_000_000, "images with more pixels than this (width x height, read from the "
+                                             "file header before decoding) become error rows; a JPEG is decoded at "
+                                             "1/2, 1/4 or 1/8 scale when that brings it under. The default is far "
+                                             "above what LLaVA processors use (336x336; AnyRes up to 672x1344) and "
+                                             "bounds one decoded image to ~75 MB RGB, where PIL's own bomb limit "
+                                             "(179 M pixels) lets a small PNG grow a worker by gigabytes", "N",
+                                 group="input")
+    io_retry_seconds: float = _opt(120.0, "how long an object-store call (listing, reading, writing) is retried with "
+                                          "backoff before the job fails (exit status 1; rerun to resume). 120 s "
+                                          "rides out a storage restart or a network blip, yet a real outage fails a "
+                                          "nightly job within minutes", "S", group="cluster")
 
     def __post_init__(self) -> None:
         for name, text in default_prompts(self.model).items():  # the defaults depend on the model
@@ -131,10 +142,10 @@ class JobConfig:
         if self.audit_share > 0 and self.reducer == "none":
             raise ConfigError(f"{flag('audit_share')} compares the reducer's output with none's; this job runs none "
                               "already")
-        for name in ("max_new_tokens", "batch_size", "images_per_shard"):
+        for name in ("max_new_tokens", "batch_size", "images_per_shard", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("gpus_per_actor", "cpus_per_actor", "price_per_gpu_hour"):
+        for name in ("gpus_per_actor", "cpus_per_actor", "price_per_gpu_hour", "io_retry_seconds"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{flag(name)} must not be negative, got {value}")
@@ -224,7 +235,9 @@ def build_parser(task: str, skip: tuple[str, ...] = ()) -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(
         prog=f"{task}.py", argument_default=argparse.SUPPRESS,
         description=f"trimlens {task} job: images from object storage through LLaVA with visual-token reduction; "
-                    "Parquet results + a per-batch cost ledger. Exit status 2: the job was refused before it started.")
+                    "Parquet results + a per-batch cost ledger. Exit status 2: the job was refused before it started; "
+                    "1: the object store stayed unreachable longer than --io-retry-seconds (run the same command "
+                    "again to resume).")
     parser.add_argument("--config", metavar="job.yaml", help="YAML or JSON file with the same settings "
                         "(keys are the flag names, - or _); flags override it (default: none)")
     add_flags(parser, JobConfig, exclusive=("visual_tokens", "ratio"), skip=skip)

@@ -8,21 +8,67 @@ from __future__ import annotations
 
 import functools
 import io
+import re
+import warnings
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.bundled import resolve_model
 from pipeline.config import JobConfig
 from pipeline.schema import PREPARED_SCHEMA
 
-def to_rgb(data: bytes) -> Image.Image:
-    """Encoded image -> RGB. Raises whatever PIL raises for bytes nothing can open (or a truncated file)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
-        image.load()
-        return _as_rgb(image)
+MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f62...>" -> "<_io.BytesIO object>"
+
+class ImageRejected(ValueError):
+    """An image that is refused on purpose (too many pixels); the message is the row's whole error text."""
+
+
+JPEG_SCALES = (1, 2, 4, 8)  # the reductions libjpeg applies while decoding (Image.draft)
+
+
+def to_rgb(data: bytes, max_pixels: int) -> Image.Image:
+    """Encoded image -> RGB, never holding more than `max_pixels` decoded pixels: the size comes from the header
+    (Image.open reads nothing else), a JPEG above the bound is decoded at the smallest reduction that fits, any
+    other image above it is rejected before decoding. Raises ImageRejected, or whatever PIL raises for bytes
+    nothing can open (or a truncated file)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the bound below is far stricter
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                _reduce_jpeg(image, max_pixels)
+            if image.size[0] * image.size[1] > max_pixels:
+                raise ImageRejected(f"image too large: {width}x{height} = {width * height / 1e6:.1f} M pixels, "
+                                    f"above --max-image-pixels {max_pixels}")
+            image.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
+            image.load()
+            return _as_rgb(image)
+
+
+def _reduce_jpeg(image: Image.Image, max_pixels: int) -> None:
+    """Ask libjpeg for the mildest reduction that brings the image under `max_pixels` (no-op for other formats)."""
+    if image.format != "JPEG":
+        return
+    width, height = image.size
+    for scale in JPEG_SCALES:
+        if -(-width // scale) * -(-height // scale) <= max_pixels:  # libjpeg rounds the reduced size up
+            # draft picks the largest scale whose result is not below the size asked for: ask for the floor
+            image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
+            return
+
+
+def error_text(e: Exception) -> str:
+    """A row's error for a failed decode, the same on every run (PIL names the BytesIO object with its address, which
+    would split one reason into as many groups as rows)."""
+    if isinstance(e, ImageRejected):
+        return str(e)
+    if isinstance(e, UnidentifiedImageError):
+        return "cannot decode image: not an image format PIL can read"
+    if isinstance(e, Image.DecompressionBombError):
+        return "cannot decode image: decompression bomb (PIL's own pixel limit)"
+    return f"cannot decode image: {type(e).__name__}: {MEMORY_ADDRESS.sub('', str(e))}"
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
@@ -75,10 +121,11 @@ def unpack(blob: bytes) -> dict[str, np.ndarray]:
         return {name: arrays[name] for name in arrays.files}
 
 
-def _prepare_row(processor, image_bytes: bytes, instruction: str) -> bytes:
+def _prepare_row(processor, image_bytes: bytes, instruction: str, max_pixels: int) -> bytes:
     """Processor output for one row, without its batch dimension (input_ids [S], pixel_values [3, H, W] or
     [patches, 3, H, W] for AnyRes models, ...)."""
-    arrays = processor(images=[to_rgb(image_bytes)], text=[prompt_text(processor, instruction)], return_tensors="np")
+    image = to_rgb(image_bytes, max_pixels)
+    arrays = processor(images=[image], text=[prompt_text(processor, instruction)], return_tensors="np")
     return pack({name: np.asarray(value)[0] for name, value in arrays.items()})
 
 
@@ -95,9 +142,9 @@ def prepare(batch: pa.Table, config: JobConfig) -> pa.Table:
             error = f"question has words the model does not know: {', '.join(map(repr, unknown))}"
         if error is None:
             try:
-                packed = _prepare_row(processor, row["image"], question or config.prompt)
+                packed = _prepare_row(processor, row["image"], question or config.prompt, config.max_image_pixels)
             except Exception as e:  # noqa: BLE001 -- any failure on one row becomes that row's error, never the job's
-                error = f"cannot decode image: {type(e).__name__}: {e}"
+                error = error_text(e)
         questions.append(question)
         errors.append(error)
         inputs.append(packed)

@@ -20,8 +20,9 @@ from pipeline.bundled import BUNDLED_MODEL, default_prompts, resolve_model
 from pipeline.config import ConfigError, Configuration, JobConfig, flag_setting, parse_args
 from pipeline.decode import prepare
 from pipeline.progress import Progress
+from pipeline.retry import ObjectStoreUnavailable
 from pipeline.sinks import ShardSink, shard_folder
-from pipeline.sources import Shard, ShardSource, check_parquet_columns, list_shards, open_uri
+from pipeline.sources import Shard, ShardSource, check_first_shard, list_shards, open_uri
 
 
 @dataclass
@@ -78,10 +79,9 @@ def plan(config: JobConfig) -> Plan:
     """Every check that can refuse the job (raises ConfigError), cheapest first; no weights are loaded."""
     input_fs, root = open_uri(config.input, "--input")
     shards = list_shards(input_fs, root, config)
-    if shards[0].format == "parquet":
-        check_parquet_columns(input_fs, shards[0], config)
+    check_first_shard(input_fs, shards[0], config)
     output_fs, output_root = open_uri(config.output, "--output")
-    sink = ShardSink(output_fs, output_root, config.configuration().label, config.task)
+    sink = ShardSink(output_fs, output_root, config.configuration().label, config.task, config.io_retry_seconds)
     sink.check_writable(config.output)
     check_reducer(load_model_config(config.model), config)
     check_instruction(config)
@@ -123,10 +123,13 @@ def run(config: JobConfig) -> dict[str, Any]:
     if pending:
         ray.init(ignore_reinit_error=True)
         progress = Progress(len(job.shards), len(job.shards) - len(pending))
-        for out in build_dataset(config, job.input_fs, pending).iter_batches(batch_size=None, batch_format="pyarrow"):
-            finished = job.sink.add(out)
-            progress.update(len(out), len(finished))
-        progress.close()
+        try:
+            for out in build_dataset(config, job.input_fs, pending).iter_batches(batch_size=None,
+                                                                                 batch_format="pyarrow"):
+                finished = job.sink.add(out)
+                progress.update(len(out), len(finished))
+        finally:  # closed before any error line is printed, so that line stays the last one
+            progress.close()
         if job.sink.unfinished():
             raise RuntimeError(f"rows lost: shards {job.sink.unfinished()} ended incomplete")
     for shard in pending:
@@ -171,8 +174,31 @@ def main(task: str, argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{task}.py: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        outage = find_outage(e)
+        if outage is None:
+            raise
+        print(f"{task}.py: error: {outage}; finished shards are kept: run the same command again to resume",
+              file=sys.stderr)
+        return 1
     print(report(summary))
     return 0
+
+
+def find_outage(error: BaseException) -> ObjectStoreUnavailable | None:
+    """The outage behind an error: raised on the driver, or in a read task and handed over by Ray (as the `cause`
+    of a RayTaskError, or chained under Ray Data's own exception)."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        if isinstance(current, ObjectStoreUnavailable) and not isinstance(cause, BaseException):
+            return current
+        pending += [cause if isinstance(cause, BaseException) else None, current.__cause__, current.__context__]
+    return None
 
 
 def report(summary: dict[str, Any]) -> str:

@@ -239,9 +239,9 @@ def run(job: JobConfig, plan: PlanConfig) -> dict[str, Any]:
     chosen, skipped = configurations(model_config, plan)
     input_fs, root = open_uri(job.input, "--input")
     output_fs, output_root = open_uri(job.output, "--output")
-    ShardSink(output_fs, output_root, "none", job.task).check_writable(job.output)
+    ShardSink(output_fs, output_root, "none", job.task, job.io_retry_seconds).check_writable(job.output)
     shards = list_shards(input_fs, root, job)
-    count = count_rows(input_fs, shards, plan.seed)
+    count = count_rows(input_fs, shards, plan.seed, job.io_retry_seconds)
     sample = read_sample(input_fs, shards, draw(count, plan.sample, plan.seed), job, plan.reference_column)
     sample_folder = f"{output_root.rstrip('/')}/sample"
     output_fs.create_dir(sample_folder, recursive=True)
@@ -344,7 +344,9 @@ def _plan_value(name: str, text: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of jobs/plan.py: exit status 0, or 2 with one line for a refused plan."""
+    """Entry point of jobs/plan.py: exit status 0, 2 with one line for a refused plan, 1 for an outage of the object
+    store longer than --io-retry-seconds."""
+    from pipeline.job import find_outage
     from pipeline.plan_report import summary_lines
 
     try:
@@ -353,5 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"plan.py: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        outage = find_outage(e)
+        if outage is None:
+            raise
+        print(f"plan.py: error: {outage}; run the same command again", file=sys.stderr)
+        return 1
     print(summary_lines(result, job.output.rstrip("/")))
     return 0

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import retry
 from pipeline.config import ConfigError, JobConfig
 from pipeline.sources import Shard, _json_field, _sample
 
@@ -68,20 +69,26 @@ def _tar_samples(fs: pafs.FileSystem, path: str) -> list[list[tarfile.TarInfo]]:
     return samples
 
 
-def count_rows(fs: pafs.FileSystem, shards: list[Shard], seed: int) -> RowCount:
-    """Rows per shard and in all (see the module docstring for tars). Raises ConfigError for an unreadable shard."""
+def _count(fs: pafs.FileSystem, shard: Shard) -> int:
+    if shard.format == "parquet":
+        return pq.read_metadata(shard.paths[0], filesystem=fs).num_rows
+    if shard.format == "images":
+        return len(shard.paths)
+    return len(_tar_samples(fs, shard.paths[0]))
+
+
+def count_rows(fs: pafs.FileSystem, shards: list[Shard], seed: int, retry_seconds: float) -> RowCount:
+    """Rows per shard and in all (see the module docstring for tars). Raises ConfigError for an unreadable shard;
+    waits out an object-store outage of up to `retry_seconds` (pipeline/retry.py)."""
     rows: list[int | None] = [None] * len(shards)
     tars = [i for i, s in enumerate(shards) if s.format == "webdataset"]
     counted_tars = set(tars) if len(tars) <= TARS_COUNTED else set(
         np.random.default_rng(seed).choice(tars, TARS_COUNTED, replace=False).tolist())
     for i, shard in enumerate(shards):
+        if shard.format == "webdataset" and i not in counted_tars:
+            continue
         try:
-            if shard.format == "parquet":
-                rows[i] = pq.read_metadata(shard.paths[0], filesystem=fs).num_rows
-            elif shard.format == "images":
-                rows[i] = len(shard.paths)
-            elif i in counted_tars:
-                rows[i] = len(_tar_samples(fs, shard.paths[0]))
+            rows[i] = retry.call(lambda: _count(fs, shard), f"counting the rows of {shard.name}", retry_seconds)
         except (OSError, pa.ArrowException, tarfile.TarError) as e:
             raise ConfigError(f"cannot read shard {shard.name}: {str(e).splitlines()[0]}") from None
     known = [n for n in rows if n is not None]
@@ -170,8 +177,10 @@ def read_sample(fs: pafs.FileSystem, shards: list[Shard], picks: list[tuple[int,
     rows: list[dict[str, Any]] = []
     for s in sorted({s for s, _ in picks}):
         shard = shards[s]
+        wanted = [r for t, r in picks if t == s]
         try:
-            found = readers[shard.format](fs, shard, [r for t, r in picks if t == s], config, reference_column)
+            found = retry.call(lambda: readers[shard.format](fs, shard, wanted, config, reference_column),
+                               f"reading the sample from {shard.name}", config.io_retry_seconds)
         except (OSError, pa.ArrowException, tarfile.TarError) as e:
             raise ConfigError(f"cannot read shard {shard.name}: {str(e).splitlines()[0]}") from None
         rows.extend({**row, "source_shard": shard.name} for row in found)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import audit
+from pipeline import audit, retry
 from pipeline.agreement import METRICS
 from pipeline.config import ConfigError
 from pipeline.schema import COST_SCHEMA, RESULT_SCHEMA
@@ -32,6 +32,7 @@ from pipeline.schema import COST_SCHEMA, RESULT_SCHEMA
 FOLDERS = ("results", "costs", "audit")
 
 MARKER = "_SUCCESS"
+T = TypeVar("T")
 
 
 def shard_folder(shard: str) -> str:
@@ -41,8 +42,8 @@ def shard_folder(shard: str) -> str:
 
 
 class ShardSink:
-    def __init__(self, fs: pafs.FileSystem, root: str, configuration: str, task: str):
-        self.fs, self.root = fs, root.rstrip("/")
+    def __init__(self, fs: pafs.FileSystem, root: str, configuration: str, task: str, retry_seconds: float):
+        self.fs, self.root, self.retry_seconds = fs, root.rstrip("/"), retry_seconds
         self.configuration = configuration          # the job's label: rows of any other configuration are audit rows
         self.metric = METRICS[task]
         self._results: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -56,41 +57,62 @@ class ShardSink:
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def _retried(self, fn: Callable[[], T], what: str) -> T:
+        """Every call on the output store goes through here: each is whole (a listing, a whole-file write, a
+        delete), so repeating it after an outage is safe."""
+        return retry.call(fn, what, self.retry_seconds)
+
     def check_writable(self, uri: str) -> None:
         """Create the output folder and write + delete a probe file. Raises ConfigError."""
         probe = self._path(".trimlens-write-test")
-        try:
+
+        def probe_write() -> None:
             self.fs.create_dir(self.root, recursive=True)
-            with self.fs.open_output_stream(probe) as f:
-                f.write(b"ok")
+            self._write_bytes(probe, b"ok")
             self.fs.delete_file(probe)
+
+        try:
+            self._retried(probe_write, f"checking that {uri} is writable")
         except (OSError, pa.ArrowException) as e:
             raise ConfigError(f"output is not writable: --output {uri}: {str(e).splitlines()[0]}") from None
 
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def _delete_dir_if_present(self, path: str) -> None:
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+
     def clear(self) -> None:
         """--overwrite: remove everything a previous run wrote (and nothing else under OUTPUT)."""
-        for folder in FOLDERS:
-            if self.fs.get_file_info(self._path(folder)).type == pafs.FileType.Directory:
-                self.fs.delete_dir(self._path(folder))
-        if self.fs.get_file_info(self._path("summary.json")).type == pafs.FileType.File:
-            self.fs.delete_file(self._path("summary.json"))
+        def remove() -> None:
+            for folder in FOLDERS:
+                self._delete_dir_if_present(self._path(folder))
+            if self.fs.get_file_info(self._path("summary.json")).type == pafs.FileType.File:
+                self.fs.delete_file(self._path("summary.json"))
+
+        self._retried(remove, "clearing the output (--overwrite)")
 
     def completed(self) -> dict[str, dict[str, int]]:
         """Folder name -> marker contents ({rows, errors}) for every shard a previous run finished."""
-        found = self.fs.get_file_info(pafs.FileSelector(self._path("results"), allow_not_found=True, recursive=True))
-        done = {}
-        for info in found:
-            if info.type == pafs.FileType.File and posixpath.basename(info.path) == MARKER:
-                with self.fs.open_input_stream(info.path) as f:
-                    done[posixpath.basename(posixpath.dirname(info.path))] = json.loads(f.read())
-        return done
+        def read_markers() -> dict[str, dict[str, int]]:
+            found = self.fs.get_file_info(pafs.FileSelector(self._path("results"), allow_not_found=True,
+                                                            recursive=True))
+            done = {}
+            for info in found:
+                if info.type == pafs.FileType.File and posixpath.basename(info.path) == MARKER:
+                    with self.fs.open_input_stream(info.path) as f:
+                        done[posixpath.basename(posixpath.dirname(info.path))] = json.loads(f.read())
+            return done
+
+        return self._retried(read_markers, "listing finished shards")
 
     def discard_partial(self, shard: str) -> None:
         """Remove what an interrupted run left of a shard that has no marker."""
         for folder in FOLDERS:
             path = self._path(folder, shard_folder(shard))
-            if self.fs.get_file_info(path).type == pafs.FileType.Directory:
-                self.fs.delete_dir(path)
+            self._retried(lambda: self._delete_dir_if_present(path), f"removing {path}")
 
     def add(self, batch: pa.Table) -> list[str]:
         """Take actor output rows (OUTPUT_SCHEMA); write every shard they complete; return those shards."""
@@ -132,16 +154,19 @@ class ShardSink:
         if audited:
             tables["audit"] = audit.scored(result_rows, audited, self.metric)
         folder = shard_folder(shard)
-        for name, table in tables.items():
-            self.fs.create_dir(self._path(name, folder), recursive=True)
-            pq.write_table(table, self._path(name, folder, "part-0.parquet"), filesystem=self.fs)
         errors = pc.sum(results.column("error").is_valid()).as_py() or 0
         scores = tables["audit"].column("agreement").drop_null() if audited else pa.array([], pa.float64())
         marker = {"rows": len(results), "errors": errors, "audited": len(scores),
                   "agreement_sum": pc.sum(scores).as_py() or 0.0}
-        with self.fs.open_output_stream(self._path("results", folder, MARKER)) as f:
-            f.write(json.dumps(marker).encode())
+
+        def write() -> None:  # the marker last: a retried write never leaves a marker before its tables
+            for name, table in tables.items():
+                self.fs.create_dir(self._path(name, folder), recursive=True)
+                pq.write_table(table, self._path(name, folder, "part-0.parquet"), filesystem=self.fs)
+            self._write_bytes(self._path("results", folder, MARKER), json.dumps(marker).encode())
+
+        self._retried(write, f"writing shard {shard}")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        with self.fs.open_output_stream(self._path("summary.json")) as f:
-            f.write(json.dumps(summary, indent=2).encode())
+        self._retried(lambda: self._write_bytes(self._path("summary.json"), json.dumps(summary, indent=2).encode()),
+                      "writing summary.json")

@@ -2,7 +2,9 @@
 
 All I/O goes through `pyarrow.fs`, which resolves s3:// (endpoint and keys from the standard AWS_* environment
 variables), gs://, file:// and local paths. The filesystem object is resolved once on the driver and shipped to
-the read tasks, so workers need no credentials of their own.
+the read tasks; keys that came from the environment are not part of it (pyarrow reads them again where it runs,
+an S3 read task without them gets ACCESS_DENIED), so the workers need the same AWS_* variables, as a cluster
+started with them has.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from pipeline import retry
 from pipeline.config import ConfigError, JobConfig
 from pipeline.schema import SOURCE_SCHEMA
 
@@ -37,7 +40,8 @@ def open_uri(uri: str, flag: str) -> tuple[pafs.FileSystem, str]:
     """URI or local path -> (filesystem, path inside it). Raises ConfigError naming `flag` for an unusable URI."""
     try:
         if "://" in uri:
-            return pafs.FileSystem.from_uri(uri)
+            fs, path = pafs.FileSystem.from_uri(uri)
+            return retry.fail_fast(fs), path
         return pafs.LocalFileSystem(), posixpath.abspath(uri)
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"cannot open {flag} {uri}: {e}") from None
@@ -52,13 +56,14 @@ def _detect_format(paths: list[str]) -> str:
 
 def list_shards(fs: pafs.FileSystem, root: str, config: JobConfig) -> list[Shard]:
     """Shards of the input, sorted by name. Raises ConfigError for a missing or empty input."""
-    info = fs.get_file_info(root)
+    info = retry.call(lambda: fs.get_file_info(root), f"looking up {config.input}", config.io_retry_seconds)
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"input not found: --input {config.input}")
     if info.type == pafs.FileType.File:
         files, root = [root], posixpath.dirname(root)
     else:
-        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        found = retry.call(lambda: fs.get_file_info(pafs.FileSelector(root, recursive=True)),
+                           f"listing {config.input}", config.io_retry_seconds)
         files = sorted(f.path for f in found if f.type == pafs.FileType.File
                        and not posixpath.basename(f.path).startswith(("_", ".")))
     fmt = _detect_format(files) if config.format == "auto" else config.format
@@ -73,13 +78,32 @@ def list_shards(fs: pafs.FileSystem, root: str, config: JobConfig) -> list[Shard
     return [Shard(f"images-{i // n:05d}", fmt, tuple(wanted[i:i + n]), root) for i in range(0, len(wanted), n)]
 
 
-def check_parquet_columns(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> None:
-    """Refuse a Parquet input whose first shard lacks the id or image column (read from the footer only)."""
-    names = pq.read_schema(shard.paths[0], filesystem=fs).names
+def check_first_shard(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> None:
+    """Refuse an input whose first shard cannot be opened (a Parquet footer that is not one, a file that is not a
+    tar) or, for Parquet, lacks the id or image column. Reads only the footer / the first tar header."""
+    check = {"parquet": _check_parquet, "webdataset": _check_tar}.get(shard.format)
+    if check is not None:
+        retry.call(lambda: check(fs, shard, config), f"opening {shard.name}", config.io_retry_seconds)
+
+
+def _check_parquet(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> None:
+    try:
+        names = pq.read_schema(shard.paths[0], filesystem=fs).names
+    except pa.ArrowInvalid as e:
+        raise ConfigError(f"Parquet input {shard.name} cannot be read: {str(e).splitlines()[0]}") from None
     for column in (config.id_column, config.image_column):
         if column not in names:
             raise ConfigError(f"Parquet input {shard.name} has no column {column!r} (columns: {', '.join(names)}); "
                               f"set --{'id' if column == config.id_column else 'image'}-column")
+
+
+def _check_tar(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> None:
+    with fs.open_input_stream(shard.paths[0]) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                tar.next()
+        except tarfile.TarError as e:
+            raise ConfigError(f"WebDataset input {shard.name} is not a readable tar file: {e}") from None
 
 
 class ShardSource(Datasource):
@@ -106,9 +130,10 @@ def read_shard(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> Iterator
     """The shard's rows (SOURCE_SCHEMA) in tables of --batch-size rows. `shard_rows` is null except on the last
     table, which carries the shard's row count: a tar's count is known only once it has been read through."""
     rows = {"parquet": _parquet_rows, "webdataset": _webdataset_rows, "images": _image_rows}[shard.format]
+    fs = retry.fail_fast(fs)  # shipped from the driver: pickling dropped the S3 retry strategy
     pending: list[dict[str, Any]] = []
     count = 0
-    for row in rows(fs, shard, config):
+    for row in retry.resumable(lambda: rows(fs, shard, config), f"reading {shard.name}", config.io_retry_seconds):
         pending.append(row)
         count += 1
         if len(pending) > config.batch_size:  # hold one row back: the last table must not be empty

@@ -67,6 +67,18 @@ def bad_images() -> dict[str, bytes]:
     return {"truncated.jpg": jpeg[: len(jpeg) // 2], "zero.jpg": b"", "text.jpg": b"this is not an image\n"}
 
 
+def bomb_png(side: int = 12000) -> bytes:
+    """A decompression bomb below PIL's own limit: side x side pixels (144 M at 12000) in a PNG of a few hundred KB;
+    decoded to RGB it would take 3 bytes a pixel."""
+    return _encode(Image.new("1", (side, side), 1), "PNG")
+
+
+def hostile_samples() -> dict[str, bytes]:
+    """Tar member names a careless reader would act on: a path out of the shard, a 10,000-character key."""
+    good = good_images(3, seed=21)
+    return {"../escape.jpg": good[0], "a/../../up.jpg": good[1], f"{'k' * 10_000}.jpg": good[2]}
+
+
 def write_parquet_shard(path: Path, samples: dict[str, bytes], questions: dict[str, str] | None = None) -> None:
     ids = list(samples)
     columns = {"id": ids, "image": [samples[i] for i in ids]}
@@ -117,6 +129,13 @@ def _wait_port(port: int, seconds: float) -> None:
 @contextmanager
 def seaweedfs(workdir: Path, bucket: str):
     """A real S3 server on loopback; yields the AWS_* environment that points every client at it."""
+    with seaweedfs_server(workdir, bucket) as (env, _):
+        yield env
+
+
+@contextmanager
+def seaweedfs_server(workdir: Path, bucket: str):
+    """seaweedfs(), also yielding the server process (to stop and resume it: an outage)."""
     workdir.mkdir(parents=True, exist_ok=True)
     keys = {"identities": [{"name": "test", "credentials": [{"accessKey": "trimlens", "secretKey": "trimlens-secret"}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
@@ -136,7 +155,7 @@ def seaweedfs(workdir: Path, bucket: str):
         env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}", "AWS_ACCESS_KEY_ID": "trimlens",
                "AWS_SECRET_ACCESS_KEY": "trimlens-secret", "AWS_REGION": "us-east-1"}
         _wait_bucket(env, bucket)
-        yield env
+        yield env, server
     finally:
         server.terminate()
         server.wait(timeout=30)

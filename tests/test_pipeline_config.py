@@ -44,6 +44,8 @@ def test_flags_map_onto_fields():
     assert (config.task, config.reducer, config.ratio, config.actors) == ("vqa", "fastv", 0.25, (2, 4))
     assert (config.gpus_per_actor, config.dtype, config.batch_size, config.overwrite) == (0.5, "fp32", 3, True)
     assert config.question == "Why?" and config.visual_tokens is None
+    limits = parse_args("caption", ["--max-image-pixels", "1000000", "--io-retry-seconds", "2.5"])
+    assert (limits.max_image_pixels, limits.io_retry_seconds) == (1_000_000, 2.5)
 
 
 def test_every_option_has_a_flag_with_its_default_in_help():
@@ -108,6 +110,8 @@ def test_config_file_and_flag_precedence(tmp_path, suffix):
     (["--actors", "a,b"], "--actors takes MIN,MAX"),
     (["--gpus-per-actor", "-1"], "--gpus-per-actor must not be negative"),
     (["--price-per-gpu-hour", "-2"], "--price-per-gpu-hour must not be negative"),
+    (["--max-image-pixels", "0"], "--max-image-pixels"),
+    (["--io-retry-seconds", "-1"], "--io-retry-seconds"),
 ])
 def test_bad_values_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -151,6 +155,12 @@ def refusal_cases(tmp_path) -> dict[str, list[str]]:
     write_parquet_shard(other_columns / "0.parquet", {"k": b"jpeg bytes"})
     pq.write_table(pq.read_table(other_columns / "0.parquet").rename_columns(["key", "jpg"]),
                    other_columns / "0.parquet")
+    corrupt_parquet = tmp_path / "corrupt-parquet"
+    write_parquet_shard(corrupt_parquet / "0.parquet", {"k": b"jpeg bytes"})
+    (corrupt_parquet / "0.parquet").write_bytes((corrupt_parquet / "0.parquet").read_bytes()[:-12])  # footer cut
+    not_a_tar = tmp_path / "not-a-tar"
+    not_a_tar.mkdir()
+    (not_a_tar / "00000.tar").write_bytes(b"<html>an error page saved as a shard</html>\n" * 20)
     common = ["--input", str(images), "--output", str(tmp_path / "out"), "--model", model]
     return {
         "input not found": [*common, "--input", str(tmp_path / "nope")],
@@ -166,6 +176,8 @@ def refusal_cases(tmp_path) -> dict[str, list[str]]:
         "takes no budget: drop --ratio 0.5": [*common, "--ratio", "0.5"],
         "asked --ratio 0.01 = ": [*common, "--reducer", "fastv", "--ratio", "0.01"],
         "has no column 'id'": [*common, "--input", str(other_columns)],
+        "Parquet input 0.parquet cannot be read": [*common, "--input", str(corrupt_parquet)],
+        "WebDataset input 00000.tar is not a readable tar file": [*common, "--input", str(not_a_tar)],
         "does not know: 'Write', 'short', 'caption'": [*common, "--model", "bundled",
                                                        "--prompt", "Write a short caption for the image ."],
     }

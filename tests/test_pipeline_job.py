@@ -13,7 +13,8 @@ import ray
 from pipeline.config import JobConfig, parse_args
 from pipeline.job import main, run
 from pipeline.scenes import NUMBERS
-from pipeline_data import bad_images, good_images, odd_images, save_test_model, write_parquet_shard, write_tar_shard
+from pipeline_data import (bad_images, bomb_png, good_images, hostile_samples, odd_images, save_test_model,
+                           write_parquet_shard, write_tar_shard)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,17 @@ def test_a_question_outside_the_bundled_vocabulary_becomes_an_error_row(local_ra
     assert rows.loc[images[0].name, "error"] == "question has words the model does not know: 'What', 'octagon'"
     assert rows.loc[images[1].name, "question"] == "how many objects are there ?"
     assert rows.loc[images[1].name, "text"] in NUMBERS and pd.isna(rows.loc[images[1].name, "error"])
+
+
+def test_hostile_rows_end_as_results_or_error_rows(local_ray, inputs, tmp_path):
+    """A bomb, a `../` member name, a 10,000-character key and a zero-byte image in one tar: every row comes out once,
+    the bomb and the empty one as error rows, and nothing is written outside the output folder."""
+    samples = {**hostile_samples(), "bomb.png": bomb_png(), "zero.jpg": b""}
+    write_tar_shard(tmp_path / "in" / "00000.tar", samples)
+    out = tmp_path / "nested" / "out"
+    assert main("caption", _args({**inputs, "hostile": tmp_path / "in"}, "hostile", out)) == 0
+    results = pd.read_parquet(out / "results").set_index("id")
+    assert sorted(results.index) == sorted(name.rsplit(".", 1)[0] for name in samples)
+    errors = results["error"].dropna().to_dict()
+    assert errors["bomb"].startswith("image too large: 12000x12000") and set(errors) == {"bomb", "zero"}
+    assert sorted(p.name for p in (tmp_path / "nested").iterdir()) == ["out"]

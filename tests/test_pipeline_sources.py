@@ -2,17 +2,27 @@
 from __future__ import annotations
 
 import io
+import json
+import re
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.decode import load_processor, prepare, to_rgb, unpack
+from pipeline.decode import ImageRejected, load_processor, prepare, to_rgb, unpack
 from pipeline.schema import PREPARED_SCHEMA, SOURCE_SCHEMA
 from pipeline.sources import list_shards, open_uri, read_shard
-from pipeline_data import (bad_images, good_images, odd_images, save_test_model, write_parquet_shard,
-                           write_tar_shard)
+from pipeline_data import (bad_images, bomb_png, good_images, hostile_samples, odd_images, save_test_model,
+                           write_parquet_shard, write_tar_shard)
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT = JobConfig().max_image_pixels
 
 
 def _shards(uri: str, **settings):
@@ -93,25 +103,25 @@ def test_missing_input_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(odd_images()))
 def test_odd_images_become_rgb(name):
-    image = to_rgb(odd_images()[name])
+    image = to_rgb(odd_images()[name], LIMIT)
     assert image.mode == "RGB" and image.size[0] >= 1
 
 
 def test_sixteen_bit_keeps_its_range_and_alpha_goes_over_white():
-    gray = to_rgb(odd_images()["gray16.png"])
+    gray = to_rgb(odd_images()["gray16.png"], LIMIT)
     assert max(gray.getextrema()[0]) > 200  # not clipped to the low byte, not all black
-    assert to_rgb(odd_images()["alpha.png"]).getpixel((0, 0)) == (255, 127, 127)
+    assert to_rgb(odd_images()["alpha.png"], LIMIT).getpixel((0, 0)) == (255, 127, 127)
 
 
 @pytest.mark.parametrize("name", sorted(bad_images()))
 def test_bad_images_raise(name):
     with pytest.raises(Exception):
-        to_rgb(bad_images()[name])
+        to_rgb(bad_images()[name], LIMIT)
 
 
 def test_prepare_turns_each_row_into_tensors_or_an_error(tmp_path):
     model = str(save_test_model(tmp_path / "model"))
-    samples = {**odd_images(), **bad_images(), "good.jpg": good_images(1)[0]}
+    samples = {**odd_images(), **bad_images(), "good.jpg": good_images(1)[0], "bomb.png": bomb_png()}
     source = pa.table({"id": list(samples), "shard": ["s"] * len(samples), "shard_rows": [len(samples)] * len(samples),
                        "image": list(samples.values()), "question": ["Own?"] + [None] * (len(samples) - 1),
                        "error": [None] * len(samples)}, schema=SOURCE_SCHEMA)
@@ -121,6 +131,8 @@ def test_prepare_turns_each_row_into_tensors_or_an_error(tmp_path):
         rows = {r["id"]: r for r in out.to_pylist()}
         for name in bad_images():
             assert rows[name]["error"].startswith("cannot decode image") and rows[name]["inputs"] is None
+        bomb = rows["bomb.png"]
+        assert bomb["error"].startswith("image too large: 12000x12000") and bomb["inputs"] is None
         for name in [*odd_images(), "good.jpg"]:
             arrays = unpack(rows[name]["inputs"])
             assert rows[name]["error"] is None and arrays["pixel_values"].shape == (3, 112, 112)
@@ -128,3 +140,60 @@ def test_prepare_turns_each_row_into_tensors_or_an_error(tmp_path):
         questions = [r["question"] for r in out.to_pylist()]
         others = [None if task == "caption" else "Default?"] * (len(samples) - 1)
         assert questions == [None if task == "caption" else "Own?", *others]
+
+
+def test_tar_member_names_are_ids_never_paths(tmp_path):
+    samples = hostile_samples()
+    write_tar_shard(tmp_path / "in" / "00000.tar", samples)
+    fs, (shard,), config = _shards(str(tmp_path / "in"))
+    rows = _read(fs, shard, config).to_pylist()
+    assert [r["id"] for r in rows] == [name.rsplit(".", 1)[0] for name in samples]  # kept verbatim, 10k chars too
+    assert [r["image"] for r in rows] == list(samples.values()) and all(r["error"] is None for r in rows)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["00000.tar", "in"]  # nothing was extracted anywhere
+
+
+def test_integer_ids_are_read_as_text(tmp_path):
+    images = good_images(2)
+    pq.write_table(pa.table({"id": [7, 1_000_000_000_000], "image": images}), tmp_path / "ints.parquet")
+    fs, (shard,), config = _shards(str(tmp_path / "ints.parquet"))
+    assert _read(fs, shard, config).column("id").to_pylist() == ["7", "1000000000000"]
+
+
+def test_a_bomb_is_refused_from_its_header_and_a_big_jpeg_is_decoded_smaller():
+    with pytest.raises(ImageRejected, match=r"12000x12000 = 144.0 M pixels, above --max-image-pixels 25000000"):
+        to_rgb(bomb_png(), LIMIT)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (400, 300), (200, 10, 10)).save(jpeg, "JPEG")
+    png = io.BytesIO()
+    Image.new("RGB", (400, 300), (200, 10, 10)).save(png, "PNG")
+    assert to_rgb(jpeg.getvalue(), 400 * 300).size == (400, 300)
+    assert to_rgb(jpeg.getvalue(), 40_000).size == (200, 150)  # libjpeg's 1/2 scale: the mildest that fits
+    assert to_rgb(jpeg.getvalue(), 2_000).size == (50, 38)      # 1/8
+    with pytest.raises(ImageRejected, match="400x300"):
+        to_rgb(jpeg.getvalue(), 1_000)                          # even 1/8 is too big
+    with pytest.raises(ImageRejected, match="400x300"):
+        to_rgb(png.getvalue(), 40_000)                          # no reduced decode for PNG
+
+
+ERRORS_OF_ONE_RUN = """
+import json, sys
+from pipeline.decode import error_text, to_rgb
+sys.path.insert(0, "tests")
+from pipeline_data import bad_images, bomb_png
+out = {}
+for name, data in {**bad_images(), "bomb.png": bomb_png()}.items():
+    try:
+        to_rgb(data, 25_000_000)
+    except Exception as e:
+        out[name] = error_text(e)
+print(json.dumps(out))
+"""
+
+
+def test_error_texts_are_the_same_in_every_run():
+    runs = [json.loads(subprocess.run([sys.executable, "-c", ERRORS_OF_ONE_RUN], cwd=ROOT, capture_output=True,
+                                      text=True, check=True).stdout) for _ in range(2)]
+    assert runs[0] == runs[1] and sorted(runs[0]) == sorted([*bad_images(), "bomb.png"])
+    assert not any(re.search(r"0x[0-9a-f]{6,}", text) for text in runs[0].values())  # no object addresses
+    assert runs[0]["text.jpg"] == "cannot decode image: not an image format PIL can read"
+    assert runs[0]["truncated.jpg"].startswith("cannot decode image: OSError: image file is truncated")

@@ -62,7 +62,7 @@ def _parquet_dataset(root: Path, shard_rows: list[int]) -> None:
 def _draw(root: Path, n: int, seed: int, fmt: str = "auto", reference: str | None = None) -> pa.Table:
     config = JobConfig(input=str(root), format=fmt)
     shards = list_shards(FS, str(root), config)
-    count = sample.count_rows(FS, shards, seed)
+    count = sample.count_rows(FS, shards, seed, retry_seconds=0)
     return sample.read_sample(FS, shards, sample.draw(count, n, seed), config, reference)
 
 
@@ -94,10 +94,10 @@ def test_tar_rows_are_counted_from_headers_and_estimated_beyond_the_counted_tars
         write_tar_shard(tmp_path / f"shard-{t}.tar", images, {name: f"q {name}" for name in images})
     config = JobConfig(input=str(tmp_path))
     shards = list_shards(FS, str(tmp_path), config)
-    exact = sample.count_rows(FS, shards, seed=0)
+    exact = sample.count_rows(FS, shards, seed=0, retry_seconds=0)
     assert exact.exact and exact.rows == sizes and exact.interval == (39.0, 39.0)
     monkeypatch.setattr(sample, "TARS_COUNTED", 3)
-    estimate = sample.count_rows(FS, shards, seed=0)
+    estimate = sample.count_rows(FS, shards, seed=0, retry_seconds=0)
     counted = [n for n in estimate.rows if n is not None]
     assert not estimate.exact and len(counted) == 3
     assert estimate.total == pytest.approx(6 * sum(counted) / 3)
