@@ -90,7 +90,7 @@ def _check_parquet(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> None
     try:
         names = pq.read_schema(shard.paths[0], filesystem=fs).names
     except pa.ArrowInvalid as e:
-        raise ConfigError(f"Parquet input {shard.name} cannot be read: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"Parquet input {shard.name} cannot be read (--input): {str(e).splitlines()[0]}") from None
     for column in (config.id_column, config.image_column):
         if column not in names:
             raise ConfigError(f"Parquet input {shard.name} has no column {column!r} (columns: {', '.join(names)}); "
@@ -103,7 +103,7 @@ def _check_tar(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> None:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 tar.next()
         except tarfile.TarError as e:
-            raise ConfigError(f"WebDataset input {shard.name} is not a readable tar file: {e}") from None
+            raise ConfigError(f"WebDataset input {shard.name} is not a readable tar file (--input): {e}") from None
 
 
 class ShardSource(Datasource):
