@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 import ray
@@ -168,20 +168,26 @@ def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
 
 
 def main(task: str, argv: list[str] | None = None) -> int:
-    """Entry point of jobs/caption.py and jobs/vqa.py: exit status 0, or 2 with one line for a refused job."""
+    """Entry point of jobs/caption.py and jobs/vqa.py."""
+    return entry_point(f"{task}.py", lambda: report(run(parse_args(task, argv))),
+                       "finished shards are kept: run the same command again to resume")
+
+
+def entry_point(script: str, work: Callable[[], str], after_outage: str) -> int:
+    """Run `work` and print what it returns: exit status 0; 2 with one line for settings refused before anything
+    started (ConfigError); 1 with one line when the object store stayed unreachable past --io-retry-seconds."""
     try:
-        summary = run(parse_args(task, argv))
+        text = work()
     except ConfigError as e:
-        print(f"{task}.py: error: {e}", file=sys.stderr)
+        print(f"{script}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         outage = find_outage(e)
         if outage is None:
             raise
-        print(f"{task}.py: error: {outage}; finished shards are kept: run the same command again to resume",
-              file=sys.stderr)
+        print(f"{script}: error: {outage}; {after_outage}", file=sys.stderr)
         return 1
-    print(report(summary))
+    print(text)
     return 0
 
 

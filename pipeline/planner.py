@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -344,22 +343,12 @@ def _plan_value(name: str, text: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of jobs/plan.py: exit status 0, 2 with one line for a refused plan, 1 for an outage of the object
-    store longer than --io-retry-seconds."""
-    from pipeline.job import find_outage
+    """Entry point of jobs/plan.py (exit status 0, 2 for a refused plan, 1 for an outage; see job.entry_point)."""
+    from pipeline.job import entry_point
     from pipeline.plan_report import summary_lines
 
-    try:
+    def plan_and_summarize() -> str:
         job, plan = parse_args(argv)
-        result = run(job, plan)
-    except ConfigError as e:
-        print(f"plan.py: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        outage = find_outage(e)
-        if outage is None:
-            raise
-        print(f"plan.py: error: {outage}; run the same command again", file=sys.stderr)
-        return 1
-    print(summary_lines(result, job.output.rstrip("/")))
-    return 0
+        return summary_lines(run(job, plan), job.output.rstrip("/"))
+
+    return entry_point("plan.py", plan_and_summarize, "run the same command again")
