@@ -28,7 +28,7 @@ from pipeline.actor import TORCH_DTYPES, load_model  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.decode import load_processor, prompt_text, to_rgb  # noqa: E402
 from pipeline.job import build_dataset, plan  # noqa: E402
-from reducers.tiny import save_tiny  # noqa: E402
+from reference.test_models import save_tiny  # noqa: E402
 
 
 def write_images(folder: Path, n: int) -> None:

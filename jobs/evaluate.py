@@ -20,15 +20,15 @@ from transformers import AutoConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reducers  # noqa: E402
-from pipeline import benchmark  # noqa: E402  (registers object-oracle)
+from reference import benchmark  # noqa: E402
 from pipeline.config import flag_setting  # noqa: E402
-from pipeline.reference import REFERENCE_MODEL_DIR, load_reference  # noqa: E402
+from reference.model import REFERENCE_MODEL_DIR, load_reference  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REFERENCE_MODEL_DIR), help="model folder (default: the shipped one)")
-    parser.add_argument("--reducer", required=True, help="method name, as in reducers.available()")
+    parser.add_argument("--reducer", required=True, help="method name, as in reducers.available(), or object-oracle")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--visual-tokens", type=int, help="layer-averaged visual tokens in the LLM")
     budget.add_argument("--ratio", type=float, help="visual tokens as a share of the full count")
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"no model at {args.model} (config.json missing); train one with jobs/train_reference.py "
                      "and pass --model DIR")
     try:  # the method and budget against the model's config, before any weights load
-        reducers.validate(AutoConfig.from_pretrained(args.model), args.reducer, args.visual_tokens, args.ratio)
+        reducers.validate(AutoConfig.from_pretrained(args.model), benchmark.method_named(args.reducer),
+                          args.visual_tokens, args.ratio)
     except reducers.BudgetError as e:
         parser.error(f"--reducer {args.reducer}: {e.render(flag_setting)}")
     except ValueError as e:

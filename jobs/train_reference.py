@@ -1,8 +1,8 @@
 """Train the reference model from scratch on procedural scenes (CPU, minutes), and save it with its recipe.
 
-    python jobs/train_reference.py --out pipeline/assets/reference_model [--vision-steps N] [--joint-steps N] ...
+    python jobs/train_reference.py --out reference/assets/reference_model [--vision-steps N] [--joint-steps N] ...
 
-Every flag defaults to the committed recipe (`pipeline.reference_training.Recipe`); how it trains is
+Every flag defaults to the committed recipe (`reference.training.loop.Recipe`); how it trains is
 described there. The model is saved with `save_pretrained` (safetensors) at each validation, with
 `recipe.json` beside it (the recipe, its seeds and the validation history).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.reference_training import Recipe, train  # noqa: E402
+from reference.training.loop import Recipe, train  # noqa: E402
 
 
 def main() -> None:
