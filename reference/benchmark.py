@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor
 
 import reducers
-from reference.model import prompt
+from dataflags import option
+from reference.model import REFERENCE_MODEL_DIR, prompt
 from reference.scenes import (CAPTION_TASK, TASKS, Question, Scene, answer_correct, benchmark_item, caption_scores,
                               f1, patch_coverage, render_scene)
 from reducers.methods import Method, create, with_params
@@ -27,6 +29,34 @@ DEFAULT_QUESTIONS = 2100   # 300 per task
 DEFAULT_CAPTIONS = 500
 ANSWER_TOKENS = 4          # the longest answer ("top left") is 2 words, then </s>
 CAPTION_TOKENS = 20        # 4 objects x "a colour shape" + 3 commas + </s>
+
+# The sections of jobs/evaluate.py's `--help`; every EvaluateConfig field names one.
+EVALUATE_GROUPS = {
+    "method": "the model and the reduction scored",
+    "items": "which held-out items are asked",
+    "run": "how it runs and where the result goes",
+}
+
+
+@dataclass
+class EvaluateConfig:
+    """The flags of jobs/evaluate.py: one method at one budget on the held-out benchmark."""
+    model: str = option(str(REFERENCE_MODEL_DIR), "model folder (default: the shipped one)", "DIR", group="method")
+    reducer: str | None = option(None, "method name, as in reducers.available(), or object-oracle", "NAME",
+                                 group="method", required=True)
+    visual_tokens: int | None = option(None, "layer-averaged visual tokens in the LLM (default: none)", "N",
+                                       group="method")
+    ratio: float | None = option(None, "visual tokens as a share of the full count (default: none)", "R",
+                                 group="method")
+    seed_start: int = option(HELD_OUT_SEED_START, "seed of the first scene asked", "S", group="items")
+    questions: int = option(DEFAULT_QUESTIONS, "questions asked, the tasks in turn", "N", group="items")
+    captions: int = option(DEFAULT_CAPTIONS, "captions asked for", "N", group="items")
+    batch_size: int = option(32, "images per generate call", "B", group="run")
+    threads: int | None = option(None, "torch threads (default: torch's choice)", "N", group="run")
+    json: Path | None = option(None, "also write the result object here (default: none)", "FILE", group="run")
+    unreduced: Path | None = option(None, "a --json file of `--reducer none` on the same model and items, reused "
+                                          "as the baseline instead of scoring the unreduced model again "
+                                          "(default: none)", "FILE", group="run")
 
 
 @dataclass(frozen=True)

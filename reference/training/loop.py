@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
 
+from dataflags import option
+
 from reference.model import Architecture, build_model, build_processor
 from reference.scenes import CAPTION_TASK, TASKS
 from reference.training.data import EXTRA_TURNS, PATCH_OBJECT_THRESHOLD, VALIDATION_SEED_START, make_batch
@@ -38,31 +40,51 @@ from reference.training.losses import (AuxiliaryHeads, answer_accuracy, answer_l
 AUX_HEADS_FILE = "aux_heads.safetensors"
 
 
+# The sections of jobs/train_reference.py's `--help`; every Recipe field with a flag names one.
+RECIPE_GROUPS = {
+    "stages": "how long and how fast each stage trains",
+    "losses": "what the joint stage learns besides the answers",
+    "run": "seeds, threads, validation and where to start from",
+}
+
+
 @dataclass
 class Recipe:
+    """How the reference model is trained: the flags of jobs/train_reference.py, saved in recipe.json."""
     architecture: Architecture = field(default_factory=Architecture)
-    seed: int = 0
-    batch_size: int = 16
-    vision_steps: int = 1100
-    joint_steps: int = 1000
-    vision_lr: float = 2e-3
-    joint_lr: float = 2e-3
+    seed: int = option(0, "seeds the model's initialisation", "S", group="run")
+    batch_size: int = option(16, "images per training step", "N", group="stages")
+    vision_steps: int = option(1100, "steps of stage 1 (the vision tower alone)", "N", group="stages")
+    joint_steps: int = option(1000, "steps of stage 2 (the whole model)", "N", group="stages")
+    vision_lr: float = option(2e-3, "peak learning rate of stage 1", "LR", group="stages")
+    joint_lr: float = option(2e-3, "peak learning rate of stage 2", "LR", group="stages")
     warmup_steps: int = 50
     weight_decay: float = 0.01
-    aux_weight: float = 1.0
-    joint_vision_lr_scale: float = 0.3
-    align_weight: float = 1.0
-    align_quadrant: bool = True     # the alignment target also holds the patch's quadrant words (word_alignment_loss)
-    attention_weight: float = 1.0   # of the two attention-supervision losses (see attention_supervision_loss)
-    lookup_layer: int = 1           # LM layer whose head 0 learns: colour / shape words -> the objects they name
-    gather_layer: int = 3           # LM layer whose head 0 learns: answer position -> those words (attention_targets)
-    turn_weighted_loss: bool = True  # every answer weighs the same in the loss (see answer_loss)
-    drop_probability: float = 0.5   # share of joint batches with background patches dropped (see make_batch)
-    init_from: str | None = None    # a folder saved by an earlier run (probes chain stages this way)
-    validate_every: int = 250
-    threads: int = 1
+    aux_weight: float = option(1.0, "weight of the auxiliary vision-head losses in stage 2", "W", group="losses")
+    joint_vision_lr_scale: float = option(0.3, "stage 2's learning rate of the tower and the heads, as a share of "
+                                               "--joint-lr", "F", group="stages")
+    align_weight: float = option(1.0, "weight of word_alignment_loss (object patches project onto their words)", "W",
+                                 group="losses")
+    align_quadrant: bool = option(True, "align object patches to their colour and shape words only, not their "
+                                        "quadrant's (default: with the quadrant's words)", group="losses",
+                                  negated="--no-align-quadrant")
+    attention_weight: float = option(1.0, "weight of the two attention-supervision losses "
+                                          "(attention_supervision_loss)", "W", group="losses")
+    lookup_layer: int = option(1, "LM layer whose head 0 learns: colour / shape words -> the objects they name", "L",
+                               group="losses")
+    gather_layer: int = option(3, "LM layer whose head 0 learns: answer position -> those words (attention_targets)",
+                               "L", group="losses")
+    turn_weighted_loss: bool = option(True, "average the answer loss over tokens rather than over turns (default: "
+                                            "over turns, every answer weighs the same; see answer_loss)",
+                                      group="losses", negated="--token-averaged-loss")
+    drop_probability: float = option(0.5, "share of stage-2 batches with background patches dropped (make_batch)",
+                                     "P", group="losses")
+    init_from: str | None = option(None, "start from a folder saved by an earlier run, not the committed recipe "
+                                         "(probes chain stages this way; default: a fresh model)", "DIR", group="run")
+    validate_every: int = option(250, "steps between validations (each one saves the model)", "N", group="run")
+    threads: int = option(1, "torch threads", "N", group="run")
     bf16: bool = True
-    train_seed_start: int = 0
+    train_seed_start: int = option(0, "the first training scene's seed", "S", group="run")
     data: dict = field(default_factory=lambda: {
         "generator": "reference.scenes.generate_scene(seed, size=image_size, attempt=0)",
         "turns_per_image": list(TASKS) + list(EXTRA_TURNS) + [CAPTION_TASK],
