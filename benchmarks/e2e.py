@@ -26,7 +26,7 @@ import reducers
 from benchmarks.prefill import BUDGETS, add_shared_arguments, make_batch, setup
 from reducers.accounting import TextDims, batch_cost, kv_bytes, model_dims
 from reducers.spectral import information_score
-from reducers.tiny import TinySpec, build_model, build_processor
+from reference.test_models import LlavaSpec, build_model, build_processor
 
 NEW_TOKENS = 60
 
@@ -137,7 +137,7 @@ def information_score_cost(model, batch: dict, prefill_seconds: float) -> str:
     return "; ".join(parts)
 
 
-def run(spec: TinySpec, dtype: torch.dtype, device: str, rows: int, repeats: int, methods: list[str]) -> list[dict]:
+def run(spec: LlavaSpec, dtype: torch.dtype, device: str, rows: int, repeats: int, methods: list[str]) -> list[dict]:
     """Every method at every budget, each row printed as it is measured against the first `none` run; `none` is
     measured again at the end and the final table compares every row with the mean of the two (the machine's
     speed drifts over a long sweep when it is shared)."""

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import agreement, scenes  # noqa: E402
+from pipeline import agreement  # noqa: E402
+from reference import scenes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_SEED = 70_000_000  # held out: far from the seeds the reference model was trained on

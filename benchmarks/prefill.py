@@ -25,14 +25,14 @@ from PIL import Image
 
 import reducers
 from reducers.accounting import batch_cost
-from reducers.tiny import TinySpec, build_model, build_processor
+from reference.test_models import LlavaSpec, build_model, build_processor
 
 BUDGETS = (576, 192, 128, 64)
 QUESTION = "Write a short caption for the image of the dog in the park."  # 39 text tokens with the template
 
-CPU_SPEC = TinySpec(vision_hidden=1024, vision_layers=8, vision_heads=16, vision_intermediate=4096,
+CPU_SPEC = LlavaSpec(vision_hidden=1024, vision_layers=8, vision_heads=16, vision_intermediate=4096,
                     llm_hidden=2048, llm_layers=10, llm_heads=16, llm_kv_heads=16, intermediate=5504)
-LLAVA_7B_SPEC = TinySpec(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
+LLAVA_7B_SPEC = LlavaSpec(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
                          llm_hidden=4096, llm_layers=32, llm_heads=32, llm_kv_heads=32, intermediate=11008)
 
 
@@ -62,7 +62,7 @@ def time_prefill(model, batch: dict, repeats: int) -> tuple[float, float, dict]:
     return statistics.median(walls), statistics.median(scoring), dict(model._bench_attachment.stats)
 
 
-def run(spec: TinySpec, dtype: torch.dtype, device: str, rows: int, repeats: int, methods: list[str]) -> list[dict]:
+def run(spec: LlavaSpec, dtype: torch.dtype, device: str, rows: int, repeats: int, methods: list[str]) -> list[dict]:
     processor = build_processor(spec)
     model = build_model(processor.tokenizer, spec, dtype=dtype).to(device)
     batch = make_batch(processor, rows, dtype, device)
@@ -106,7 +106,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def setup(args: argparse.Namespace) -> tuple[TinySpec, torch.dtype, str]:
+def setup(args: argparse.Namespace) -> tuple[LlavaSpec, torch.dtype, str]:
     """Apply --threads; the model shapes and dtype the flags ask for, and the device's name for the header."""
     if args.threads:
         torch.set_num_threads(args.threads)

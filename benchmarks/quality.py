@@ -3,7 +3,7 @@
     python -m benchmarks.quality [--model DIR] [--methods a,b:param=value] [--questions N] [--captions N] [--json FILE]
 
 Scores the unreduced model once, then each method at 1/3, 2/9 and 1/9 of the full visual count (the
-ratios of 192 / 128 / 64 of 576) through `pipeline.benchmark.run` (the same code as `jobs/evaluate.py`),
+ratios of 192 / 128 / 64 of 576) through `reference.benchmark.run` (the same code as `jobs/evaluate.py`),
 and prints a markdown table of VQA accuracy, caption F1 and their retention. `random` is the floor and
 `object-oracle` (keeps the patches the objects cover, from the ground truth) the ceiling of selection.
 Budgets a method cannot meet on this model (an LLM-side method pruning at layer K cannot average below
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import reducers
-from pipeline import benchmark
-from pipeline.reference import REFERENCE_MODEL_DIR, load_reference
 from reducers.shape import ModelShape
+from reference import benchmark
+from reference.model import REFERENCE_MODEL_DIR, load_reference
 
 RATIOS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
 HEADER = ("| method | budget | visual tokens | VQA accuracy | retention | caption F1 | retention |\n"
@@ -44,7 +44,7 @@ def parse_spec(spec: str) -> tuple[str, dict]:
             params[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             params[key] = value
-    reducers.methods.create(name, **params)  # fails here, before any scoring, naming what is allowed
+    benchmark.method_named(name, **params)  # fails here, before any scoring, naming what is allowed
     return name, params
 
 
@@ -85,7 +85,7 @@ def main() -> None:
         for label, ratio in RATIOS.items():
             tokens = round(ratio * full)
             try:
-                reducers.validate(model.config, method, tokens, **params)
+                reducers.validate(model.config, benchmark.method_named(method, **params), tokens)
             except ValueError as error:
                 print(f"skipped {spec} at {label}: {error}", flush=True)
                 lines.append(f"| {spec} | {label} | {tokens} | not reachable | | | |")

@@ -20,32 +20,23 @@ from transformers import AutoConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reducers  # noqa: E402
-from pipeline import benchmark  # noqa: E402  (registers object-oracle)
+from dataflags import add_flags  # noqa: E402
 from pipeline.config import flag_setting  # noqa: E402
-from pipeline.reference import REFERENCE_MODEL_DIR, load_reference  # noqa: E402
+from reference import benchmark  # noqa: E402
+from reference.benchmark import EVALUATE_GROUPS, EvaluateConfig  # noqa: E402
+from reference.model import load_reference  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REFERENCE_MODEL_DIR), help="model folder (default: the shipped one)")
-    parser.add_argument("--reducer", required=True, help="method name, as in reducers.available()")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--visual-tokens", type=int, help="layer-averaged visual tokens in the LLM")
-    budget.add_argument("--ratio", type=float, help="visual tokens as a share of the full count")
-    parser.add_argument("--seed-start", type=int, default=benchmark.HELD_OUT_SEED_START)
-    parser.add_argument("--questions", type=int, default=benchmark.DEFAULT_QUESTIONS)
-    parser.add_argument("--captions", type=int, default=benchmark.DEFAULT_CAPTIONS)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, help="also write the result object here")
-    parser.add_argument("--unreduced", type=Path, help="a --json file of `--reducer none` on the same model and "
-                        "items, reused as the baseline instead of scoring the unreduced model again")
+    add_flags(parser, EvaluateConfig, EVALUATE_GROUPS, exclusive=("visual_tokens", "ratio"), typed=True)
     args = parser.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"no model at {args.model} (config.json missing); train one with jobs/train_reference.py "
                      "and pass --model DIR")
     try:  # the method and budget against the model's config, before any weights load
-        reducers.validate(AutoConfig.from_pretrained(args.model), args.reducer, args.visual_tokens, args.ratio)
+        reducers.validate(AutoConfig.from_pretrained(args.model), benchmark.method_named(args.reducer),
+                          args.visual_tokens, args.ratio)
     except reducers.BudgetError as e:
         parser.error(f"--reducer {args.reducer}: {e.render(flag_setting)}")
     except ValueError as e:

@@ -1,1 +1,1 @@
-"""Ray Data pipeline pieces and the procedural scenes of the reference model and quality benchmark."""
+"""The Ray Data batch job runner: configuration, sources, decoding, the model actor, sinks, planner and audit."""

@@ -1,20 +1,16 @@
 """The one place that knows what the default "bundled" model is, where it lives, and what to ask it.
 
-The bundled model is the reference model trained here on procedural scenes (`pipeline/reference.py`,
+The bundled model is the reference model trained here on procedural scenes (`reference/`, built by
 `jobs/train_reference.py`), shipped inside the package, so a job runs offline with no download. Its
-tokenizer is word level over the scenes' words, so its default prompts are in that vocabulary.
+tokenizer is word level over the scenes' words, so its default prompts are its own (`reference.model`).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from pipeline.scenes import CAPTION_QUESTION
+from reference.model import DEFAULT_PROMPTS as BUNDLED_PROMPTS
+from reference.model import REFERENCE_MODEL_DIR as BUNDLED_MODEL_DIR
 
 BUNDLED_MODEL = "bundled"
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "reference_model"
-# Default instructions: the bundled model's own (the caption prompt it was trained on, a count question), and
-# plain English for every other model.
-BUNDLED_PROMPTS = {"prompt": CAPTION_QUESTION, "question": "how many objects are there ?"}
+# Default instructions: the bundled model's own, and plain English for every other model.
 GENERIC_PROMPTS = {"prompt": "Write a short caption for the image.", "question": "What is shown in the image?"}
 
 

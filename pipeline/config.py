@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from dataflags import add_flags, flag, option
 from pipeline.bundled import BUNDLED_MODEL, BUNDLED_PROMPTS, GENERIC_PROMPTS, default_prompts
 
 SAMPLES = Path(__file__).resolve().parent / "assets" / "samples"
@@ -36,16 +37,11 @@ GROUPS = {
 }
 
 
-def _opt(default: Any, help: str, metavar: str = "", *, group: str) -> Any:
-    """A command-line option in `--help` section `group`; `help` ends with its default unless it says "default:"."""
+def _opt(default: Any, help: str, metavar: str = "", *, group: str, choices: tuple | None = None) -> Any:
+    """A job option (`dataflags.option`) in `--help` section `group`, one of GROUPS (checked where it is declared)."""
     if group not in GROUPS:
         raise ValueError(f"unknown --help group {group!r}; one of {list(GROUPS)}")
-    return field(default=default, metadata={"help": help, "metavar": metavar, "group": group, "flag": True})
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a JobConfig field or a reducers budget keyword: visual_tokens -> --visual-tokens."""
-    return "--" + name.replace("_", "-")
+    return option(default, help, metavar, group=group, choices=choices)
 
 
 def flag_setting(setting: Any) -> str:
@@ -63,7 +59,8 @@ class JobConfig:
     output: str = _opt("out", "output URI: results/, costs/ and summary.json are written under it", "URI",
                        group="output")
     format: str = _opt("auto", "input format: parquet, webdataset (tar), images (a folder), or auto "
-                               "(from the file extensions found)", "{auto,parquet,webdataset,images}", group="input")
+                               "(from the file extensions found)", "{auto,parquet,webdataset,images}", group="input",
+                        choices=FORMATS)
     model: str = _opt(BUNDLED_MODEL, "a LLaVA model: local path or Hugging Face hub id; 'bundled' is the small "
                                      "reference model that ships with trimlens (it knows only the words of its "
                                      "procedural scenes: shapes, colours, counts, quadrants)", "ID_OR_PATH",
@@ -91,7 +88,7 @@ class JobConfig:
     cpus_per_actor: float | None = _opt(None, "CPUs each actor asks Ray for (default: 1 with GPUs, else 0.5 so a "
                                               "small CPU-only machine still has a CPU left for reading)", "F",
                                         group="cluster")
-    dtype: str = _opt("bf16", "model weights dtype", "{bf16,fp16,fp32}", group="model and reduction")
+    dtype: str = _opt("bf16", "model weights dtype", "{bf16,fp16,fp32}", group="model and reduction", choices=DTYPES)
     price_per_gpu_hour: float = _opt(2.0, "USD per device-hour, for cost_usd in the ledger and the summary", "USD",
                                      group="cost")
     audit_share: float = _opt(0.0, "share of rows (0-1) also run through the unreduced model on the same actors, "
@@ -201,34 +198,6 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{flag(name)} must be {_KINDS[kind]}, got {value!r}") from None
 
 
-def add_flags(parser: argparse.ArgumentParser, options: type, exclusive: tuple[str, ...] = (),
-              skip: tuple[str, ...] = ()) -> None:
-    """A flag per described field of the dataclass `options` but those in `skip`, each in its `--help` section
-    (sections are made in the order of GROUPS, only where they get a flag); fields in `exclusive` exclude one another."""
-    defaults = options()
-    fields = [f for f in dataclasses.fields(options) if f.metadata["flag"] and f.name not in skip]
-    used = {f.metadata["group"] for f in fields}
-    sections = {title: parser.add_argument_group(title, about) for title, about in GROUPS.items() if title in used}
-    either = {}
-    for f in fields:
-        default = getattr(defaults, f.name)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f.metadata["help"]
-        if "default:" not in help_text:
-            help_text += f" (default: {shown})"
-        help_text = help_text.replace("%", "%%")  # argparse formats help with %
-        target = sections[f.metadata["group"]]
-        if f.name in exclusive:
-            if f.metadata["group"] not in either:
-                either[f.metadata["group"]] = target.add_mutually_exclusive_group()
-            target = either[f.metadata["group"]]
-        if f.type == "bool":
-            target.add_argument(flag(f.name), action="store_true", help=help_text)
-        else:
-            choices = {"format": FORMATS, "dtype": DTYPES}.get(f.name)
-            target.add_argument(flag(f.name), metavar=f.metadata["metavar"], choices=choices, help=help_text)
-
-
 def build_parser(task: str, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """Flags for every JobConfig option but those in `skip`. Defaults are SUPPRESSed so only flags the user typed
     override the file."""
@@ -240,7 +209,7 @@ def build_parser(task: str, skip: tuple[str, ...] = ()) -> argparse.ArgumentPars
                     "again to resume).")
     parser.add_argument("--config", metavar="job.yaml", help="YAML or JSON file with the same settings "
                         "(keys are the flag names, - or _); flags override it (default: none)")
-    add_flags(parser, JobConfig, exclusive=("visual_tokens", "ratio"), skip=skip)
+    add_flags(parser, JobConfig, GROUPS, exclusive=("visual_tokens", "ratio"), skip=skip)
     return parser
 
 

@@ -20,8 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import agreement
-from pipeline.config import (TASKS, ConfigError, Configuration, JobConfig, _opt, add_flags, build_parser, flag,
-                             job_config)
+from pipeline.config import (GROUPS, TASKS, ConfigError, Configuration, JobConfig, _opt, add_flags, build_parser,
+                             flag, job_config)
 from pipeline.sample import RowCount, count_rows, draw, read_sample
 from pipeline.sources import list_shards, open_uri
 
@@ -313,7 +313,7 @@ def build_plan_parser():
                           "budget and deadline; writes plan.json, plan.md, pareto.png and job.yaml under --output. "
                           "Exit status 2: refused before it started.")
     parser.add_argument("--task", choices=TASKS, help="caption or vqa: the job to plan (default: caption)")
-    add_flags(parser, PlanConfig)
+    add_flags(parser, PlanConfig, GROUPS)
     return parser
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import budget
 from .budget import BudgetError, Setting
-from .methods import LISTED, Method, create
+from .methods import METHODS, Method, create
 from .runtime import Runtime
 from .shape import ModelShape
 
@@ -28,17 +28,22 @@ _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneratio
 
 def available() -> list[str]:
     """Names of the reduction methods."""
-    return sorted(LISTED)
+    return sorted(METHODS)
 
 
-def validate(config, name: str, visual_tokens: int | None = None, ratio: float | None = None, **params) -> Method:
+def validate(config, name: str | Method, visual_tokens: int | None = None, ratio: float | None = None,
+             **params) -> Method:
     """Check a method + budget against a model config without loading weights; returns the method.
+
+    `name` is a method's name (its hyperparameters in `params`) or a Method instance of the caller's own (e.g. a
+    benchmark's oracle), which is used as it is.
 
     Raises ValueError naming what is allowed: unknown method or parameter, not exactly one budget (except
     `none`, which takes none), a budget above the full visual count, or one the method cannot meet; the budget's
     refusals are a BudgetError, which names the budget settings so that a front end can spell them as its own.
     """
-    method = create(name, **params)
+    method = _method(name, params)
+    name = method.name
     shape = ModelShape.from_config(config)
     if name == "none":
         given = [Setting(k, v) for k, v in (("visual_tokens", visual_tokens), ("ratio", ratio)) if v is not None]
@@ -55,6 +60,14 @@ def validate(config, name: str, visual_tokens: int | None = None, ratio: float |
                           f" is above the full count of {full} visual tokens per image")
     _check_reachable(method, shape, full, visual_tokens, ratio)
     return method
+
+
+def _method(name: str | Method, params: dict) -> Method:
+    if not isinstance(name, Method):
+        return create(name, **params)
+    if params:
+        raise ValueError(f"{name.name} is given as a Method instance: set {sorted(params)} on the instance")
+    return name
 
 
 def _check_reachable(method: Method, shape: ModelShape, full: int, visual_tokens: int | None, ratio: float | None) -> None:
@@ -129,9 +142,10 @@ class Attachment:
         self.detach()
 
 
-def attach(model: nn.Module, name: str, visual_tokens: int | None = None, ratio: float | None = None,
+def attach(model: nn.Module, name: str | Method, visual_tokens: int | None = None, ratio: float | None = None,
            **params) -> Attachment:
-    """Attach reduction method `name` at a budget to a loaded LLaVA model (see the module docstring)."""
+    """Attach reduction method `name` (a name or a Method instance, as in `validate`) at a budget to a loaded
+    LLaVA model (see the module docstring)."""
     if type(model).__name__ not in _SUPPORTED:
         raise ValueError(f"unsupported model class {type(model).__name__}; supported: {', '.join(_SUPPORTED)}")
     method = validate(model.config, name, visual_tokens, ratio, **params)

@@ -5,17 +5,17 @@ import pytest
 import torch
 from PIL import Image
 
-from reducers.tiny import TinySpec, build_model, build_processor
+from reference.test_models import LlavaSpec, build_model, build_processor
 
 QUESTIONS = ["What is shown?", "Describe the picture in detail please.", "Yes or no?",
              "Write a short caption for the image of the dog in the park."]
 IMAGE_SIZES = [(336, 336), (640, 480), (200, 500), (500, 300)]
 
 SPECS = {
-    "llava": TinySpec(family="llava"),
-    "llava-gqa": TinySpec(family="llava", llm_kv_heads=2),
+    "llava": LlavaSpec(family="llava"),
+    "llava-gqa": LlavaSpec(family="llava", llm_kv_heads=2),
     # NeXT with 168-px crops: 144 tokens per crop keeps AnyRes inputs small on CPU.
-    "next": TinySpec(family="next", image_size=168),
+    "next": LlavaSpec(family="next", image_size=168),
 }
 
 
@@ -63,7 +63,7 @@ def get_tiny(name: str, dtype: torch.dtype = torch.float32) -> Tiny:
     return _CACHE[key]
 
 
-def small_model_and_batch(spec: TinySpec, rows: int = 2):
+def small_model_and_batch(spec: LlavaSpec, rows: int = 2):
     """A fresh tiny model of `spec` and a left-padded batch of the first `rows` sample prompts for it."""
     processor = build_processor(spec)
     model = build_model(processor.tokenizer, spec)

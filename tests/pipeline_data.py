@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from reducers.tiny import TinySpec, save_tiny
+from reference.test_models import LlavaSpec, save_tiny
 
 # A small but complete LLaVA-1.5 layout: 112 px / patch 14 -> 64 visual tokens; 4 LLM layers keep CPU tests fast.
-TEST_SPEC = TinySpec(image_size=112, llm_layers=4)
+TEST_SPEC = LlavaSpec(image_size=112, llm_layers=4)
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -27,7 +27,7 @@ from conftest import SPECS, get_tiny, prompts_for, sample_images
 from reducers.accounting import (CONFIG_DIR, Cost, batch_cost, decode_flops, decode_step_flops, decoder_layer_flops,
                                  kv_bytes, lm_head_flops, model_dims, prefill_flops, projector_flops,
                                  reference_config, unreduced_cost, vision_layer_flops, vision_tower_flops)
-from reducers.tiny import build_model, build_processor
+from reference.test_models import build_model, build_processor
 
 TOLERANCE = 0.005
 # Runs through the runtime: crops that keep different counts are padded to the longest inside the tower, a cost of

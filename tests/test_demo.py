@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.bundled import BUNDLED_MODEL_DIR
 from pipeline.config import SAMPLES
-from pipeline.scenes import Scene, caption, caption_scores, f1, generate_scene
 from reducers.shape import ModelShape
+from reference.scenes import Scene, caption, caption_scores, f1, generate_scene
 from transformers import AutoConfig
 
 ROOT = Path(__file__).resolve().parents[1]

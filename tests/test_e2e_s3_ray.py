@@ -17,7 +17,7 @@ import pytest
 
 from pipeline_data import (VENV_BIN, bad_images, good_images, odd_images, ray_head, save_test_model, seaweedfs,
                            write_parquet_shard, write_tar_shard)
-from reducers.tiny import TinySpec, save_tiny
+from reference.test_models import LlavaSpec, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "trimlens"
@@ -131,7 +131,7 @@ def test_stop_half_way_then_resubmit(cluster):
     address, env, work = cluster
     # The 576-token, 32-layer tiny model and one image per batch: slow enough to stop between shards.
     model = work / "slow-model"
-    save_tiny(str(model), TinySpec())
+    save_tiny(str(model), LlavaSpec())
     shards = 8
     for i in range(shards):
         write_parquet_shard(work / "many" / f"{i:02d}.parquet",

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.reference import Architecture, build_model, build_processor
-from pipeline.scenes import TASKS
+from reference.model import Architecture, build_model, build_processor
+from reference.scenes import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,8 +111,8 @@ def test_a_missing_model_is_named(tmp_path, capsys):
 
 def test_quality_benchmark_method_specs_carry_hyperparameters(random_reference):
     from benchmarks.quality import parse_spec
-    from pipeline import benchmark
-    from pipeline.reference import load_reference
+    from reference import benchmark
+    from reference.model import load_reference
     assert parse_spec("tokencarve:fp64_eigh=True:select=1.25") == ("tokencarve", {"fp64_eigh": True, "select": 1.25})
     assert parse_spec("visionzip") == ("visionzip", {})
     with pytest.raises(ValueError, match="expected name:param=value"):

@@ -12,7 +12,7 @@ from pipeline.config import JobConfig
 from pipeline.decode import pack, prepare, unpack
 from pipeline.schema import COST_SCHEMA, OUTPUT_SCHEMA, RESULT_SCHEMA, SOURCE_SCHEMA
 from pipeline_data import bad_images, good_images, odd_images, save_test_model
-from reducers.tiny import TinySpec, save_tiny
+from reference.test_models import LlavaSpec, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_a_row_that_breaks_generate_fails_alone(model_path):
 
 def test_llava_next_images_with_different_crop_counts_share_a_batch(tmp_path):
     path = str(tmp_path / "next")
-    save_tiny(path, TinySpec(family="next", image_size=56, llm_layers=4))
+    save_tiny(path, LlavaSpec(family="next", image_size=56, llm_layers=4))
     config = JobConfig(model=path, reducer="ficoco-v", ratio=0.5, batch_size=4, max_new_tokens=2, dtype="fp32")
     # a 1x1 image gets fewer AnyRes crops than the others: its crops are zero-padded in the batch
     images = {"a": good_images(1)[0], "b": good_images(1, seed=5)[0], "pixel": odd_images()["one-pixel.png"]}

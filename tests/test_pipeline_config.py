@@ -26,7 +26,7 @@ def test_defaults_run_the_bundled_job():
 
 def test_default_instructions_follow_the_model_and_fit_the_bundled_vocabulary():
     from pipeline.decode import load_processor, unknown_words
-    from pipeline.scenes import CAPTION_QUESTION
+    from reference.scenes import CAPTION_QUESTION
 
     bundled = parse_args("vqa", [])
     assert bundled.prompt == CAPTION_QUESTION  # what the reference model was trained to caption on

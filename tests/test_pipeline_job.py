@@ -12,7 +12,7 @@ import ray
 
 from pipeline.config import JobConfig, parse_args
 from pipeline.job import main, run
-from pipeline.scenes import NUMBERS
+from reference.scenes import NUMBERS
 from pipeline_data import (bad_images, bomb_png, good_images, hostile_samples, odd_images, save_test_model,
                            write_parquet_shard, write_tar_shard)
 

@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoConfig
 
-from pipeline import agreement, sample, scenes
+from pipeline import agreement, sample
 from pipeline.bundled import BUNDLED_MODEL_DIR
 from pipeline.config import ConfigError, JobConfig
 from pipeline.planner import PlanConfig, configurations, pareto_labels, parse_args, recommend
 from pipeline.sources import list_shards
+from reference import scenes
 from tests.pipeline_data import good_images, write_tar_shard
 
 ROOT = Path(__file__).resolve().parents[1]

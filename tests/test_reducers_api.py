@@ -9,14 +9,25 @@ import reducers
 from conftest import get_tiny, small_model_and_batch
 from reducers import budget, scores, stages
 from reducers.step import Step
-from reducers.tiny import TinySpec
+from reference.test_models import LlavaSpec
 
 
-def test_available_lists_every_product_method():
-    from pipeline import benchmark  # registers its unlisted oracle: attachable by name, not a product method
-    assert benchmark.ObjectOracle.name == "object-oracle"
+def test_available_lists_every_product_method_and_no_benchmark_oracle():
+    from reference import benchmark  # its oracle stays out of the reducers' registry
     assert reducers.available() == sorted(["none", "random", "fastv", "visionzip", "ficoco-v", "ficoco-l", "ficoco-vl",
                                            "st3", "tokencarve"])
+    with pytest.raises(ValueError, match="unknown reduction method 'object-oracle'"):
+        reducers.validate(get_tiny("llava").model.config, "object-oracle", visual_tokens=64)
+    assert isinstance(benchmark.method_named("object-oracle", seed=3), benchmark.ObjectOracle)
+
+
+def test_a_method_instance_is_attached_as_it_is_and_takes_no_parameters_besides():
+    model = get_tiny("llava").model
+    method = reducers.methods.create("random", seed=5)
+    with reducers.attach(model, method, visual_tokens=64) as attachment:
+        assert attachment.method is method
+    with pytest.raises(ValueError, match=r"random is given as a Method instance: set \['seed'\] on the instance"):
+        reducers.attach(model, method, visual_tokens=64, seed=6)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -222,7 +233,7 @@ def test_local_penalty_doubles_each_window_maximum():
 
 @pytest.mark.parametrize("method", ["ficoco-v", "visionzip", "random", "ficoco-vl"])
 def test_vision_methods_scale_to_a_two_layer_tower(method):
-    model, batch = small_model_and_batch(TinySpec(vision_layers=2, llm_layers=8))
+    model, batch = small_model_and_batch(LlavaSpec(vision_layers=2, llm_layers=8))
     with reducers.attach(model, method, ratio=0.25) as att, torch.inference_mode():
         model.generate(**batch, max_new_tokens=2, do_sample=False)
     assert att.stats["visual_tokens_avg"] == pytest.approx([144.0, 144.0], abs=576 / 8)

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.benchmark import Item, ObjectOracle, caption_items, object_coverage, question_items, retention, score
-from pipeline import benchmark
-from pipeline.reference import Architecture, build_model, build_processor, load_reference, prompt
-from pipeline.reference_training import (PAIRS, PatchDropper, answer_accuracy, answer_loss, attention_supervision_loss,
-                                         coverage_by_object, dropped_background, make_batch, pack_turns, patch_quadrants,
-                                         scene_questions, vision_targets, word_alignment_loss)
-from pipeline.scenes import (CAPTION_TASK, COLOURS, PLURAL, QUADRANTS, SHAPES, TASKS, generate_scene, render_scene,
-                             vocabulary)
 from reducers.step import Step
+from reference import benchmark
+from reference.benchmark import Item, ObjectOracle, caption_items, object_coverage, question_items, retention, score
+from reference.model import Architecture, build_model, build_processor, load_reference, prompt
+from reference.scenes import (CAPTION_TASK, COLOURS, PLURAL, QUADRANTS, SHAPES, TASKS, generate_scene, render_scene,
+                              vocabulary)
+from reference.training.data import (PAIRS, coverage_by_object, dropped_background, make_batch, pack_turns,
+                                     patch_quadrants, scene_questions, vision_targets)
+from reference.training.loop import PatchDropper
+from reference.training.losses import answer_accuracy, answer_loss, attention_supervision_loss, word_alignment_loss
 
 SMALL = Architecture(vision_layers=2, llm_layers=2, vision_hidden=32, llm_hidden=32, llm_intermediate=64)
 
@@ -289,7 +290,7 @@ def test_attention_supervision_loss_is_the_log_mass_of_eager_attention():
 
 
 def test_the_shipped_model_loads_offline_and_answers_held_out_questions():
-    """The committed weights (pipeline/assets/reference_model), unreduced, on the first 70 held-out questions
+    """The committed weights (reference/assets/reference_model), unreduced, on the first 70 held-out questions
     (10 per task) and 10 captions: floors well under its full-benchmark scores (docs/reference-model.md), far over
     chance."""
     model, processor = load_reference()

@@ -6,9 +6,9 @@ from collections import deque
 import numpy as np
 import pytest
 
-from pipeline.scenes import (CAPTION_TASK, COLOURS, NUMBERS, PLURAL, SHAPES, TASKS, Scene, SceneObject, ask,
-                             answer_correct, benchmark_item, caption, caption_pairs, caption_scores, f1,
-                             generate_scene, normalise, patch_coverage, render_scene, vocabulary)
+from reference.scenes import (CAPTION_TASK, COLOURS, NUMBERS, PLURAL, SHAPES, TASKS, Scene, SceneObject, ask,
+                              answer_correct, benchmark_item, caption, caption_pairs, caption_scores, f1,
+                              generate_scene, normalise, patch_coverage, render_scene, vocabulary)
 
 SEEDS = range(40)
 

@@ -18,7 +18,7 @@ from conftest import get_tiny, small_model_and_batch
 from reducers.runtime import _compact_cache, cache_of_output
 from reducers.shape import ModelShape
 from reducers.spectral import information_score
-from reducers.tiny import TinySpec
+from reference.test_models import LlavaSpec
 from test_reducers_models import Replay
 
 NEW_TOKENS = 6
@@ -317,7 +317,7 @@ def test_tokencarve_at_its_smallest_budgets_merges_nothing(budget, keep):
 @pytest.mark.parametrize("method", ["st3", "tokencarve"])
 def test_shallow_models_get_the_relative_schedule(method):
     # 8 layers: ST3's every-4th-of-32 lands on layers 1, 2, 4, 6, 7 (adjacent pruning layers); TokenCarve's K on 1
-    model, batch = small_model_and_batch(TinySpec(vision_layers=2, llm_layers=8))
+    model, batch = small_model_and_batch(LlavaSpec(vision_layers=2, llm_layers=8))
     with reducers.attach(model, method, ratio=0.25) as att, torch.inference_mode():
         model.generate(**batch, max_new_tokens=2, do_sample=False)
     per_layer = torch.tensor(att.stats["visual_tokens_per_layer"])  # [L, B]

@@ -15,7 +15,6 @@ from ..shape import ModelShape
 from ..step import Reduction, Step
 
 METHODS: dict[str, type["Method"]] = {}
-LISTED: set[str] = set()  # the product's methods (what `reducers.available()` names)
 
 
 class Method:
@@ -47,30 +46,29 @@ class Method:
         raise TypeError(f"{self.name} evicts nothing during decoding")
 
 
-def register(name: str, listed: bool = True):
-    """Class decorator: make a Method available under `name` (a dataclass of its hyperparameters).
-
-    `listed=False` registers a helper that can be attached by name but is not a product method (e.g. a
-    benchmark's oracle): `reducers.available()` and the tests that run every method leave it out.
-    """
+def register(name: str):
+    """Class decorator: make a Method available under `name` (a dataclass of its hyperparameters)."""
     def add(cls):
         cls = dataclasses.dataclass(cls)
         cls.name = name
         METHODS[name] = cls
-        if listed:
-            LISTED.add(name)
         return cls
     return add
 
 
 def create(name: str, **params) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown reduction method {name!r}; available: {', '.join(sorted(LISTED))}")
-    fields = {f.name for f in dataclasses.fields(METHODS[name])}
+        raise ValueError(f"unknown reduction method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return with_params(METHODS[name], **params)
+
+
+def with_params(cls: type[Method], **params) -> Method:
+    """An instance of the method dataclass `cls` with hyperparameters `params`, unknown ones refused by name."""
+    fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(params) - fields
     if unknown:
-        raise ValueError(f"{name} has no parameter(s) {sorted(unknown)}; its parameters: {sorted(fields) or 'none'}")
-    return METHODS[name](**params)
+        raise ValueError(f"{cls.name} has no parameter(s) {sorted(unknown)}; its parameters: {sorted(fields) or 'none'}")
+    return cls(**params)
 
 
 # importing registers them

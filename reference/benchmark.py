@@ -8,16 +8,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 import reducers
-from pipeline.reference import prompt
-from pipeline.scenes import (CAPTION_TASK, TASKS, Question, Scene, answer_correct, benchmark_item, caption_scores,
-                             f1, patch_coverage, render_scene)
-from reducers.methods import Method, register
+from dataflags import option
+from reference.model import REFERENCE_MODEL_DIR, prompt
+from reference.scenes import (CAPTION_TASK, TASKS, Question, Scene, answer_correct, benchmark_item, caption_scores,
+                              f1, patch_coverage, render_scene)
+from reducers.methods import Method, create, with_params
 from reducers.stages import split
 
 HELD_OUT_SEED_START = 10_000_000
@@ -26,6 +29,34 @@ DEFAULT_QUESTIONS = 2100   # 300 per task
 DEFAULT_CAPTIONS = 500
 ANSWER_TOKENS = 4          # the longest answer ("top left") is 2 words, then </s>
 CAPTION_TOKENS = 20        # 4 objects x "a colour shape" + 3 commas + </s>
+
+# The sections of jobs/evaluate.py's `--help`; every EvaluateConfig field names one.
+EVALUATE_GROUPS = {
+    "method": "the model and the reduction scored",
+    "items": "which held-out items are asked",
+    "run": "how it runs and where the result goes",
+}
+
+
+@dataclass
+class EvaluateConfig:
+    """The flags of jobs/evaluate.py: one method at one budget on the held-out benchmark."""
+    model: str = option(str(REFERENCE_MODEL_DIR), "model folder (default: the shipped one)", "DIR", group="method")
+    reducer: str | None = option(None, "method name, as in reducers.available(), or object-oracle", "NAME",
+                                 group="method", required=True)
+    visual_tokens: int | None = option(None, "layer-averaged visual tokens in the LLM (default: none)", "N",
+                                       group="method")
+    ratio: float | None = option(None, "visual tokens as a share of the full count (default: none)", "R",
+                                 group="method")
+    seed_start: int = option(HELD_OUT_SEED_START, "seed of the first scene asked", "S", group="items")
+    questions: int = option(DEFAULT_QUESTIONS, "questions asked, the tasks in turn", "N", group="items")
+    captions: int = option(DEFAULT_CAPTIONS, "captions asked for", "N", group="items")
+    batch_size: int = option(32, "images per generate call", "B", group="run")
+    threads: int | None = option(None, "torch threads (default: torch's choice)", "N", group="run")
+    json: Path | None = option(None, "also write the result object here (default: none)", "FILE", group="run")
+    unreduced: Path | None = option(None, "a --json file of `--reducer none` on the same model and items, reused "
+                                          "as the baseline instead of scoring the unreduced model again "
+                                          "(default: none)", "FILE", group="run")
 
 
 @dataclass(frozen=True)
@@ -46,11 +77,13 @@ def image_size_of(processor) -> int:
     return int(processor.image_processor.crop_size["height"])
 
 
-@register("object-oracle", listed=False)
+@dataclass
 class ObjectOracle(Method):
     """Benchmark-only reference, not a method: keeps the patches the objects cover most (from the scene's ground
     truth), the rest by a seeded random draw, at the same place as `random` (after the tower's first layer).
-    Comparing it with `random` shows whether the benchmark can judge which tokens a method keeps."""
+    Comparing it with `random` shows whether the benchmark can judge which tokens a method keeps. Not in the
+    reducers' registry: the benchmark attaches an instance (`method_named`)."""
+    name: ClassVar[str] = "object-oracle"
     vision_share: float = 1.0
     seed: int = 0
     coverage: Tensor | None = None  # [images, patches]: set by `answer` before each batch
@@ -65,6 +98,14 @@ class ObjectOracle(Method):
         # coverage dominates; the draw (< 1e-3) only orders the patches no object touches
         scores = (self.coverage + 1e-3 * draw).to(step.cand.device).gather(1, step.slots)
         return split(step, scores).reduction()
+
+
+ORACLES: dict[str, type[Method]] = {ObjectOracle.name: ObjectOracle}
+
+
+def method_named(name: str, **params) -> Method:
+    """The benchmark's oracle or a reducers method, by name, with hyperparameters `params` (unknown ones refused)."""
+    return with_params(ORACLES[name], **params) if name in ORACLES else create(name, **params)
 
 
 def object_coverage(scenes: list[Scene], patch: int) -> Tensor:
@@ -114,12 +155,12 @@ def score(questions: list[Item], question_answers: list[str], captions: list[Ite
 def run(model, processor, reducer: str, visual_tokens: int | None = None, ratio: float | None = None,
         seed_start: int = HELD_OUT_SEED_START, questions: int = DEFAULT_QUESTIONS, captions: int = DEFAULT_CAPTIONS,
         batch_size: int = 32, params: dict | None = None) -> dict:
-    """Score one method at one budget on the held-out set (the method attached through `reducers.attach`, with its
-    hyperparameters `params`; None: its defaults)."""
+    """Score one method (a name `method_named` knows) at one budget on the held-out set, attached through
+    `reducers.attach` with its hyperparameters `params` (None: its defaults)."""
     size = image_size_of(processor)
     question_set, caption_set = question_items(seed_start, questions, size), caption_items(seed_start, captions, size)
     budget = {} if reducer == "none" else {"visual_tokens": visual_tokens, "ratio": ratio}
-    with reducers.attach(model, reducer, **budget, **(params or {})) as attachment:
+    with reducers.attach(model, method_named(reducer, **(params or {})), **budget) as attachment:
         question_answers = answer(model, processor, question_set, ANSWER_TOKENS, batch_size, attachment)
         caption_texts = answer(model, processor, caption_set, CAPTION_TOKENS, batch_size, attachment)
     result = score(question_set, question_answers, caption_set, caption_texts)

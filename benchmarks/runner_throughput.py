@@ -1,7 +1,7 @@
 """Pipeline overhead: the same model and images through (a) the Ray Data job pipeline with one actor and (b) a bare
 Python loop (decode, processor, generate), in one run. Prints images/s of each and their ratio (target >= 0.95).
 
-    scripts/netns-run .venv/bin/python benchmarks/pipeline.py [--images 128] [--batch-size 8] [--max-new-tokens 8]
+    scripts/netns-run .venv/bin/python benchmarks/runner_throughput.py [--images 128] [--batch-size 8] [--max-new-tokens 8]
 
 The pipeline decodes on other cores while the actor generates; the bare loop does both in turn. "model alone"
 (the loop's generate calls only) is what one actor could reach with decoding entirely hidden.
@@ -28,7 +28,7 @@ from pipeline.actor import TORCH_DTYPES, load_model  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.decode import load_processor, prompt_text, to_rgb  # noqa: E402
 from pipeline.job import build_dataset, plan  # noqa: E402
-from reducers.tiny import save_tiny  # noqa: E402
+from reference.test_models import save_tiny  # noqa: E402
 
 
 def write_images(folder: Path, n: int) -> None:

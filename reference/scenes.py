@@ -31,6 +31,7 @@ TASKS: tuple[str, ...] = ("colour_of_shape", "shape_of_colour", "count_total", "
                           "presence", "position")
 CAPTION_TASK = "caption"
 CAPTION_QUESTION = "describe the image ."
+COUNT_QUESTION = "how many objects are there ?"
 MAX_OBJECTS = 4
 # Object size as a fraction of the image side (radius of the circumscribing circle).
 RADIUS_RANGE = (0.06, 0.105)
@@ -192,7 +193,7 @@ def ask(scene: Scene, task: str, rng: np.random.Generator) -> Question | None:
         obj = unique[int(rng.integers(len(unique)))]
         return Question(task, f"what shape is the {obj.colour} object ?", obj.shape, (objects.index(obj),))
     if task == "count_total":
-        return Question(task, "how many objects are there ?", NUMBERS[len(objects)], tuple(range(len(objects))))
+        return Question(task, COUNT_QUESTION, NUMBERS[len(objects)], tuple(range(len(objects))))
     if task == "count_colour":
         colour = _present_or_absent(list(COLOURS), colours, rng)
         return Question(task, f"how many {colour} objects are there ?", NUMBERS[colours.count(colour)],
