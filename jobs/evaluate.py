@@ -20,7 +20,7 @@ from transformers import AutoConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reducers  # noqa: E402
-from dataflags import add_flags  # noqa: E402
+from pipeline.flags import add_flags  # noqa: E402
 from pipeline.config import flag_setting  # noqa: E402
 from reference import benchmark  # noqa: E402
 from reference.benchmark import EVALUATE_GROUPS, EvaluateConfig  # noqa: E402

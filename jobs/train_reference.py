@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataflags import add_flags  # noqa: E402
+from pipeline.flags import add_flags  # noqa: E402
 from reference.training.loop import RECIPE_GROUPS, Recipe, train  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from dataflags import add_flags, flag, option
+from pipeline.flags import add_flags, flag, option
 from pipeline.bundled import BUNDLED_MODEL, BUNDLED_PROMPTS, GENERIC_PROMPTS, default_prompts
 
 SAMPLES = Path(__file__).resolve().parent / "assets" / "samples"
@@ -38,7 +38,7 @@ GROUPS = {
 
 
 def _opt(default: Any, help: str, metavar: str = "", *, group: str, choices: tuple | None = None) -> Any:
-    """A job option (`dataflags.option`) in `--help` section `group`, one of GROUPS (checked where it is declared)."""
+    """A job option (`pipeline.flags.option`) in `--help` section `group`, one of GROUPS (checked where it is declared)."""
     if group not in GROUPS:
         raise ValueError(f"unknown --help group {group!r}; one of {list(GROUPS)}")
     return option(default, help, metavar, group=group, choices=choices)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 import reducers
-from dataflags import option
+from pipeline.flags import option
 from reference.model import REFERENCE_MODEL_DIR, prompt
 from reference.scenes import (CAPTION_TASK, TASKS, Question, Scene, answer_correct, benchmark_item, caption_scores,
                               f1, patch_coverage, render_scene)

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
 
-from dataflags import option
+from pipeline.flags import option
 
 from reference.model import Architecture, build_model, build_processor
 from reference.scenes import CAPTION_TASK, TASKS

@@ -1,4 +1,4 @@
-"""dataflags: the one builder of every job's flags; here in its typed form, as jobs/evaluate.py and
+"""pipeline/flags.py: the one builder of every job's flags; here in its typed form, as jobs/evaluate.py and
 jobs/train_reference.py use it."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dataflags import add_flags, option
+from pipeline.flags import add_flags, option
 from reference.benchmark import EVALUATE_GROUPS, HELD_OUT_SEED_START, EvaluateConfig
 from reference.training.loop import RECIPE_GROUPS, Recipe
 
