@@ -40,7 +40,7 @@ from . import budget
 from .methods import Method
 from .scores import query_attention
 from .shape import ModelShape
-from .stages import gather_rows, pack, scatter_rows
+from .rows import gather_rows, pack, pack_right, scatter_rows
 from .step import Reduction, Step
 
 
@@ -561,7 +561,7 @@ class Runtime:
         if survivors is not None and not bool(survivors.all()):
             keep = valid.clone()
             keep[visual] = survivors.to(embeds.device)
-            index, valid = _pack_right(keep & valid)
+            index, valid = pack_right(keep & valid)
             embeds, visual = gather_rows(embeds, index), visual.gather(1, index) & valid
             positions = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)  # as if fewer placeholders were sent
             kwargs["inputs_embeds"] = embeds
@@ -704,7 +704,7 @@ class Runtime:
         if reduction.hidden is not None:
             hidden = scatter_rows(hidden, kept_pos, reduction.hidden, reduction.kept_valid)
         keep = scatter_rows(before.valid & ~before.visual, kept_pos, reduction.kept_valid, reduction.kept_valid)
-        index, valid = _pack_right(keep)
+        index, valid = pack_right(keep)
         cos, sin = before.rope or kwargs["position_embeddings"]
         after = Layout(valid=valid, visual=before.visual.gather(1, index) & valid,
                        positions=before.positions.gather(1, index),
@@ -758,14 +758,6 @@ def _compact_cache(cache, layer: int, keep: Tensor) -> Tensor:
         setattr(entries, name, kept)
     index = torch.arange(cut, width, device=keep.device).expand(rows, -1)  # [B, W]
     return index.scatter(1, slots, sources)
-
-
-def _pack_right(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of each row's kept entries, in order, right-aligned (left padding): [B, W] + validity."""
-    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)
-    width = int(keep.sum(1).max())
-    index = order[:, order.shape[1] - width:]
-    return index, keep.gather(1, index)
 
 
 def _now(module: nn.Module) -> float:
