@@ -118,7 +118,7 @@ def run(model, processor, reducer: str, visual_tokens: int | None = None, ratio:
     hyperparameters `params`; None: its defaults)."""
     size = image_size_of(processor)
     question_set, caption_set = question_items(seed_start, questions, size), caption_items(seed_start, captions, size)
-    budget = {} if reducer == "none" else {"visual_tokens": visual_tokens, "ratio": ratio}
+    budget = {"visual_tokens": visual_tokens, "ratio": ratio} if reducers.takes_budget(reducer) else {}
     with reducers.attach(model, reducer, **budget, **(params or {})) as attachment:
         question_answers = answer(model, processor, question_set, ANSWER_TOKENS, batch_size, attachment)
         caption_texts = answer(model, processor, caption_set, CAPTION_TOKENS, batch_size, attachment)
