@@ -58,15 +58,14 @@ def validate(config, name: str, visual_tokens: int | None = None, ratio: float |
     if shape.family == "llava" and visual_tokens is not None and visual_tokens > shape.patches:
         raise BudgetError(Setting("visual_tokens", visual_tokens),
                           f" is above the full count of {shape.patches} visual tokens per image")
-    _nominal_plan(shape, method, visual_tokens, ratio)  # refuses a budget the method cannot reach
+    if visual_tokens is None or visual_tokens <= shape.patches:  # (above: a LLaVA-NeXT image, which holds more)
+        _nominal_plan(shape, method, visual_tokens, ratio)  # refuses a budget the method cannot reach
     return method
 
 
 def _nominal_plan(shape: ModelShape, method: Method, visual_tokens: int | None, ratio: float | None) -> Plan:
-    """The plan of one nominal image: a LLaVA-1.5 image, or a LLaVA-NeXT base crop (whose images hold more, so a
-    budget above its count is not refused here)."""
-    full = shape.patches if visual_tokens is None else max(shape.patches, visual_tokens)
-    return plan(shape, method, torch.tensor([full]), visual_tokens, ratio)
+    """The plan of one nominal image: a LLaVA-1.5 image, or a LLaVA-NeXT base crop."""
+    return plan(shape, method, torch.tensor([shape.patches]), visual_tokens, ratio)
 
 
 def schedule(config, name: str, visual_tokens: int | None = None, ratio: float | None = None, **params) -> dict:
