@@ -21,8 +21,8 @@ FP16_BYTES = 2
 
 def prefill_cost(config, dims: ModelDims, method: str, budget: int, prompt_tokens: int) -> tuple[int, int, int]:
     """(vision tower + projector FLOPs, LLM prefill FLOPs, KV bytes after prefill) of one image and prompt."""
-    schedule = (reducers.schedule(config, method) if method == "none"
-                else reducers.schedule(config, method, visual_tokens=budget))
+    schedule = (reducers.schedule(config, method, visual_tokens=budget) if reducers.takes_budget(method)
+                else reducers.schedule(config, method))
     vision = (vision_tower_flops(dims.vision, schedule["vision_tokens_per_layer"], num_crops=1)
               + projector_flops(dims.projector, dims.projected_per_crop))
     # Each decoder layer processes the prompt plus its visual tokens; its cache holds those (or fewer, if a later
@@ -40,7 +40,7 @@ def markdown_table(config_name: str, prompt_tokens: int) -> str:
         f"{budget}: KV MB" for budget in BUDGETS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
-        budgets = BUDGETS[:1] if method == "none" else BUDGETS  # `none` takes no budget: full count only
+        budgets = BUDGETS if reducers.takes_budget(method) else BUDGETS[:1]  # full count only
         costs = [prefill_cost(config, dims, method, budget, prompt_tokens) for budget in budgets]
         flops = [f"{(vision + llm) / 1e12:.2f} ({vision / 1e12:.2f} + {llm / 1e12:.2f})" for vision, llm, _ in costs]
         cache = [f"{kv / 1e6:.0f}" for _, _, kv in costs]

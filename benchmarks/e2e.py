@@ -38,14 +38,14 @@ def decode_weight_bytes(text: TextDims, dtype_bytes: int) -> int:
     return dtype_bytes * (text.layers * per_layer + text.hidden * text.vocab)
 
 
-def decode_step_bytes(text: TextDims, stats: dict) -> float:
+def decode_step_bytes(text: TextDims, stats: reducers.Stats) -> float:
     """Mean bytes a decode step reads: the weights plus the K/V of every cached entry (the new one included).
 
-    stats["kv_entries_per_step"][s] are the entries per layer and row held after forward s (prefill is forward 0),
+    stats.kv_entries_per_step[s] are the entries per layer and row held after forward s (prefill is forward 0),
     i.e. what decode step s + 1 attends over before appending its own token.
     """
-    dtype_bytes, steps = int(stats["dtype_bytes"]), int(stats["decode_steps"])
-    held = torch.tensor(stats["kv_entries_per_step"][:steps])  # [steps, L, B]
+    dtype_bytes, steps = stats.dtype_bytes, stats.decode_steps
+    held = torch.tensor(stats.kv_entries_per_step[:steps])  # [steps, L, B]
     attended = (held + 1).sum(2)  # [steps, L]: all rows of the batch
     kv = statistics.mean(kv_bytes(text, step.tolist(), dtype_bytes) for step in attended)
     return decode_weight_bytes(text, dtype_bytes) + kv
@@ -63,13 +63,13 @@ def caption(model, batch: dict) -> float:
 
 def measure(model, batch: dict, method: str, budget: int, repeats: int) -> dict:
     """Median total / prefill / decode seconds of `repeats` runs, with the last run's stats."""
-    kwargs = {} if method == "none" else {"visual_tokens": budget}
+    kwargs = {"visual_tokens": budget} if reducers.takes_budget(method) else {}
     runs = []
     with reducers.attach(model, method, **kwargs) as attachment:
         for _ in range(repeats):
             total = caption(model, batch)
-            stats = dict(attachment.stats)
-            runs.append((total, stats["prefill_seconds"], stats["decode_seconds"]))
+            stats = attachment.last
+            runs.append((total, stats.prefill_seconds, stats.decode_seconds))
     total, prefill, decode = (statistics.median(column) for column in zip(*runs))
     return {"method": method, "budget": budget, "total": total, "prefill": prefill, "decode": decode, "stats": stats}
 
@@ -86,7 +86,7 @@ def add_limits(row: dict, baseline: dict, config) -> None:
     row["speedup"] = baseline["total"] / row["total"]
     row["limit"] = baseline["total"] / ideal
     row["prefill_flops_ratio"] = base_prefill_flops / prefill_flops
-    row["kv_share"] = row["stats"]["kv_bytes_peak"] / baseline["stats"]["kv_bytes_peak"]
+    row["kv_share"] = row["stats"].kv_bytes_peak / baseline["stats"].kv_bytes_peak
     row["decode_bytes_ratio"] = 1 / bytes_ratio
 
 

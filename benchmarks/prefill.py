@@ -58,8 +58,8 @@ def time_prefill(model, batch: dict, repeats: int) -> tuple[float, float, dict]:
             wall = time.perf_counter() - start
         if i:
             walls.append(wall)
-            scoring.append(model._bench_attachment.stats["scoring_seconds"])
-    return statistics.median(walls), statistics.median(scoring), dict(model._bench_attachment.stats)
+            scoring.append(model._bench_attachment.last.scoring_seconds)
+    return statistics.median(walls), statistics.median(scoring), model._bench_attachment.last
 
 
 def run(spec: LlavaSpec, dtype: torch.dtype, device: str, rows: int, repeats: int, methods: list[str]) -> list[dict]:
@@ -69,8 +69,8 @@ def run(spec: LlavaSpec, dtype: torch.dtype, device: str, rows: int, repeats: in
     results = []
     baseline = None
     for method in ["none"] + [m for m in methods if m != "none"]:
-        for budget in (BUDGETS[:1] if method == "none" else BUDGETS[1:]):
-            kwargs = {} if method == "none" else {"visual_tokens": budget}
+        for budget in (BUDGETS[1:] if reducers.takes_budget(method) else BUDGETS[:1]):
+            kwargs = {"visual_tokens": budget} if reducers.takes_budget(method) else {}
             with reducers.attach(model, method, **kwargs) as attachment:
                 model._bench_attachment = attachment
                 seconds, scoring, stats = time_prefill(model, batch, repeats)
@@ -79,7 +79,7 @@ def run(spec: LlavaSpec, dtype: torch.dtype, device: str, rows: int, repeats: in
                 baseline = (seconds, flops)
             row = {"method": method, "budget": budget, "seconds": seconds, "speedup": baseline[0] / seconds,
                    "flops_speedup": baseline[1] / flops, "scoring_share": scoring / seconds,
-                   "visual_avg": statistics.mean(stats["visual_tokens_avg"])}
+                   "visual_avg": statistics.mean(stats.visual_tokens_avg)}
             row["efficiency"] = row["speedup"] / row["flops_speedup"]
             results.append(row)
             print(format_row(row), flush=True)

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def report(result: dict) -> str:
-    budget = "" if result["reducer"] == "none" else (
+    budget = "" if not reducers.takes_budget(result["reducer"]) else (
         f" at {result['visual_tokens']} visual tokens" if result["visual_tokens"] else f" at ratio {result['ratio']}")
     lines = [f"{result['reducer']}{budget}: {result['questions']} questions, {result['captions']} captions, "
              f"seeds from {result['seed_start']}"]

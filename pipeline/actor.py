@@ -134,15 +134,15 @@ class ModelActor:
             with torch.inference_mode():
                 ids = self.model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False)
             new = ids[:, inputs["input_ids"].shape[1]:].cpu()                        # [B, T]
-            stats = self.attachment.stats
+            stats = self.attachment.last
             cost = reducers.accounting.batch_cost(self.model.config, stats)
             unreduced = reducers.accounting.unreduced_cost(self.model.config, stats)
             texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
             for b, i in enumerate(live):
-                per_row[i] = {"text": texts[b].strip(), "visual_tokens_in": stats["visual_tokens_in"][b],
-                              "visual_tokens_budget": stats["visual_tokens_budget"][b],
-                              "visual_tokens_kept": float(stats["visual_tokens_avg"][b]),
-                              "prompt_tokens": stats["prompt_tokens"][b],
+                per_row[i] = {"text": texts[b].strip(), "visual_tokens_in": stats.visual_tokens_in[b],
+                              "visual_tokens_budget": stats.visual_tokens_budget[b],
+                              "visual_tokens_kept": float(stats.visual_tokens_avg[b]),
+                              "prompt_tokens": stats.prompt_tokens[b],
                               "generated_tokens": self._generated_tokens(new[b].tolist())}
         wall = time.perf_counter() - start
         self.batches += 1

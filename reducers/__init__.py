@@ -3,14 +3,13 @@
     import reducers
     att = reducers.attach(model, "ficoco-v", visual_tokens=64)   # or ratio=0.111
     out = model.generate(**processor(images=..., text=..., padding=True, return_tensors="pt"))
-    att.stats      # what the last generate did: per-row / per-layer token counts, KV entries and bytes, timings
+    att.last       # what the last generate did (a reducers.Stats): per-row / per-layer token counts, KV entries
+                   # and bytes, timings; att.stats is the same as a dict
     att.detach()   # the model behaves exactly as before (Attachment is also a context manager)
 
 Pure torch + transformers; knows nothing of Ray.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -18,10 +17,12 @@ from torch import nn
 from . import budget
 from .budget import BudgetError, Setting
 from .methods import METHODS, Method, create
+from .plan import Plan, plan, tower_counts
 from .runtime import Runtime
 from .shape import ModelShape
+from .stats import Stats
 
-__all__ = ["available", "attach", "validate", "schedule", "Attachment", "BudgetError"]
+__all__ = ["available", "attach", "validate", "schedule", "takes_budget", "Attachment", "BudgetError", "Stats"]
 
 _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
@@ -29,6 +30,11 @@ _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneratio
 def available() -> list[str]:
     """Names of the reduction methods."""
     return sorted(METHODS)
+
+
+def takes_budget(name: str) -> bool:
+    """Whether method `name` takes a budget (`none` keeps every visual token and takes none)."""
+    return create(name).takes_budget
 
 
 def validate(config, name: str | Method, visual_tokens: int | None = None, ratio: float | None = None,
@@ -45,20 +51,20 @@ def validate(config, name: str | Method, visual_tokens: int | None = None, ratio
     method = _method(name, params)
     name = method.name
     shape = ModelShape.from_config(config)
-    if name == "none":
+    if not method.takes_budget:
         given = [Setting(k, v) for k, v in (("visual_tokens", visual_tokens), ("ratio", ratio)) if v is not None]
         if given:
-            raise BudgetError("`none` keeps every visual token and takes no budget: drop ", given[0],
+            raise BudgetError(f"`{name}` keeps every visual token and takes no budget: drop ", given[0],
                               *([" and ", given[1]] if len(given) == 2 else []))
         return method
     budget.check_budget(visual_tokens, ratio)
     if method.vision_share > 0 and not shape.has_cls:
         raise ValueError(f"{name} reduces inside the vision tower and needs vision_feature_select_strategy='default'")
-    full = shape.patches  # one LLaVA-1.5 image, or a LLaVA-NeXT base crop: the nominal count
-    if shape.family == "llava" and visual_tokens is not None and visual_tokens > full:
+    if shape.family == "llava" and visual_tokens is not None and visual_tokens > shape.patches:
         raise BudgetError(Setting("visual_tokens", visual_tokens),
-                          f" is above the full count of {full} visual tokens per image")
-    _check_reachable(method, shape, full, visual_tokens, ratio)
+                          f" is above the full count of {shape.patches} visual tokens per image")
+    if visual_tokens is None or visual_tokens <= shape.patches:  # (above: a LLaVA-NeXT image, which holds more)
+        _nominal_plan(shape, method, visual_tokens, ratio)  # refuses a budget the method cannot reach
     return method
 
 
@@ -70,24 +76,9 @@ def _method(name: str | Method, params: dict) -> Method:
     return name
 
 
-def _check_reachable(method: Method, shape: ModelShape, full: int, visual_tokens: int | None, ratio: float | None) -> None:
-    sites = method.llm_sites(shape)
-    if not sites:
-        return
-    first, layers = sites[0], shape.llm_layers
-    candidates = torch.arange(1, full + 1)  # every budget 1..full, to find the smallest reachable one
-    entering = budget.vision_target(torch.full_like(candidates, full), candidates, method.vision_share)
-    reachable = candidates * layers >= first * entering
-    smallest = int(candidates[reachable][0])
-    asked = visual_tokens if visual_tokens is not None else round(ratio * full)
-    if asked < smallest:
-        smallest_ratio = math.ceil(smallest / full * 1000) / 1000  # rounded up, so that it still reaches `smallest`
-        given = Setting("visual_tokens", visual_tokens) if visual_tokens is not None else Setting("ratio", ratio)
-        raise BudgetError(f"{method.name} prunes first at LLM layer {first} of {layers}: with these parameters the "
-                          f"smallest budget it can meet is {smallest} of {full} visual tokens (",
-                          Setting("visual_tokens", smallest), " or ", Setting("ratio", smallest_ratio), "); asked ",
-                          given, "" if visual_tokens is not None else f" = {asked} tokens",
-                          ". Raise the budget (or, from Python, give the method an earlier pruning layer).")
+def _nominal_plan(shape: ModelShape, method: Method, visual_tokens: int | None, ratio: float | None) -> Plan:
+    """The plan of one nominal image: a LLaVA-1.5 image, or a LLaVA-NeXT base crop."""
+    return plan(shape, method, torch.tensor([shape.patches]), visual_tokens, ratio)
 
 
 def schedule(config, name: str, visual_tokens: int | None = None, ratio: float | None = None, **params) -> dict:
@@ -99,23 +90,15 @@ def schedule(config, name: str, visual_tokens: int | None = None, ratio: float |
     """
     method = validate(config, name, visual_tokens, ratio, **params)
     shape = ModelShape.from_config(config)
-    full = torch.tensor([shape.patches])
-    n = full if name == "none" else budget.resolve(full, visual_tokens, ratio)
-    entering = budget.vision_target(full, n, method.vision_share)
-    vision = [shape.patches + 1] * shape.vision_layers
-    sites = method.vision_sites(shape) if method.vision_share > 0 else []
-    for site, count in zip(sites, budget.linear_steps(full, entering, len(sites))):
-        vision[site + 1:] = [int(count) + 1] * (shape.vision_layers - site - 1)
-    llm = [int(entering)] * shape.llm_layers
-    llm_sites = method.llm_sites(shape)
-    if llm_sites:
-        for site, count in zip(llm_sites, budget.llm_counts(entering, n, llm_sites, shape.llm_layers)):
-            llm[site:] = [int(count)] * (shape.llm_layers - site)
+    plan_ = _nominal_plan(shape, method, visual_tokens, ratio)
+    llm = [int(n) for n in plan_.visual_per_layer(shape.llm_layers)[:, 0]]
     cached = list(llm)
-    if method.prune_cache_before and llm_sites:  # the layers before the first site keep only what it kept
-        cached[:llm_sites[0]] = [llm[llm_sites[0]]] * llm_sites[0]
-    return {"vision_tokens_per_layer": vision, "visual_tokens_per_layer": llm, "visual_entries_per_layer": cached,
-            "visual_tokens_avg": sum(llm) / len(llm), "visual_tokens_in": shape.patches}
+    if method.prune_cache_before and plan_.llm_sites:  # the layers before the first site keep only what it kept
+        first = plan_.llm_sites[0]
+        cached[:first] = [llm[first]] * first
+    return {"vision_tokens_per_layer": tower_counts(shape, plan_), "visual_tokens_per_layer": llm,
+            "visual_entries_per_layer": cached, "visual_tokens_avg": sum(llm) / len(llm),
+            "visual_tokens_in": shape.patches}
 
 
 class Attachment:
@@ -126,11 +109,17 @@ class Attachment:
 
     @property
     def method(self) -> Method:
-        return self._runtime.method
+        return self._runtime.state.method
+
+    @property
+    def last(self) -> Stats | None:
+        """What the last generate did, typed (None before the first)."""
+        return self._runtime.state.last
 
     @property
     def stats(self) -> dict:
-        return self._runtime.stats
+        """`last` as a plain dict (empty before the first generate); its keys are listed in docs/reducers.md."""
+        return self.last.as_dict() if self.last is not None else {}
 
     def detach(self) -> None:
         self._runtime.remove()

@@ -1,7 +1,7 @@
 """Cost accounting: FLOPs and KV-cache bytes of a LLaVA run, from the model config and per-layer token counts.
 
 Everything here is arithmetic on shapes: no model is built or run, so the planner and the benchmarks can price a
-reduction schedule before running it, and `batch_cost` prices a finished generate from `Attachment.stats`.
+reduction schedule before running it, and `batch_cost` prices a finished generate from `Attachment.last`.
 
 Conventions (one place, so every number in the project means the same thing):
 
@@ -20,17 +20,20 @@ Conventions (one place, so every number in the project means the same thing):
   products run over all query heads (each K/V head is shared by num_attention_heads / num_key_value_heads queries).
 * lm_head: prefill prices it for the **last position of each row only**, because `generate` calls the model with
   `logits_to_keep=1`; every decode step prices it for its one new token.
-* Padding is not a cost of the method: every count is of a row's non-pad tokens (what `stats` reports). What a
+* Padding is not a cost of the method: every count is of a row's non-pad tokens (what `Stats` reports). What a
   padded batch really spends can be priced by passing the padded length as the row's count.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from transformers import LlavaConfig, LlavaNextConfig
+
+from .stats import Stats
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -236,10 +239,12 @@ def kv_bytes(text: TextDims, entries_per_layer: Sequence[int], dtype_bytes: int)
     return 2 * text.kv_heads * text.head_dim * dtype_bytes * sum(entries_per_layer)
 
 
-# ---------------------------------------------------------------- one batch, from Attachment.stats
+# ---------------------------------------------------------------- one batch, from Attachment.last
 
-def batch_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any], stats: Mapping[str, Any]) -> Cost:
-    """The cost of the batch described by `stats` (the dict `reducers.attach(...).stats` holds after a generate).
+def batch_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any],
+               stats: Stats | Mapping[str, Any]) -> Cost:
+    """The cost of the batch described by `stats` (`reducers.attach(...).last` after a generate, or its dict view
+    `.stats`).
 
     Uses: tokens_per_layer [L][B], vision_tokens_per_layer [Lv], num_crops, kv_entries_prefill / kv_entries_end
     [L][B], decode_steps, dtype_bytes. kv_bytes_peak is computed from the valid entries (the larger of after-prefill
@@ -250,39 +255,37 @@ def batch_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any], 
     runtime scatters the survivors back onto the grid so that LLaVA's own projector and AnyRes packing run
     unchanged, and the dropped placeholders leave at the LLM input. (At most 0.3 % of LLaVA-1.5-7B's prefill.)
     Not priced: the methods' own scoring (attention rows a method recomputes to rank tokens); it is timed
-    separately as stats["scoring_seconds"].
+    separately as stats.scoring_seconds.
     """
+    stats = Stats.of(stats)
     dims = model_dims(model_config)
     text = dims.text
-    rows = range(len(stats["tokens_per_layer"][0]))
+    rows = range(len(stats.tokens_per_layer[0]))
 
     def column(per_layer_rows: Sequence[Sequence[int]], row: int) -> list[int]:  # [L][B] -> [L] of one row
         return [int(layer[row]) for layer in per_layer_rows]
 
-    num_crops = int(stats["num_crops"])
-    vision_tokens = [int(n) for n in stats["vision_tokens_per_layer"]]
-    flops_vision = vision_tower_flops(dims.vision, vision_tokens, num_crops)
-    flops_projector = projector_flops(dims.projector, num_crops * dims.projected_per_crop)
-    flops_prefill = sum(prefill_flops(text, column(stats["tokens_per_layer"], b)) for b in rows)
-    steps = int(stats["decode_steps"])
-    flops_decode = sum(decode_flops(text, column(stats["kv_entries_prefill"], b), column(stats["kv_entries_end"], b),
-                                    steps) for b in rows)
-    dtype_bytes = int(stats["dtype_bytes"])
-    kv_peak = max(kv_bytes(text, [sum(layer) for layer in stats[key]], dtype_bytes)
-                  for key in ("kv_entries_prefill", "kv_entries_end"))
+    flops_vision = vision_tower_flops(dims.vision, [int(n) for n in stats.vision_tokens_per_layer], stats.num_crops)
+    flops_projector = projector_flops(dims.projector, stats.num_crops * dims.projected_per_crop)
+    flops_prefill = sum(prefill_flops(text, column(stats.tokens_per_layer, b)) for b in rows)
+    flops_decode = sum(decode_flops(text, column(stats.kv_entries_prefill, b), column(stats.kv_entries_end, b),
+                                    stats.decode_steps) for b in rows)
+    kv_peak = max(kv_bytes(text, [sum(layer) for layer in entries], stats.dtype_bytes)
+                  for entries in (stats.kv_entries_prefill, stats.kv_entries_end))
     return Cost(flops_vision=flops_vision, flops_projector=flops_projector, flops_prefill=flops_prefill,
                 flops_decode=flops_decode, flops_total=flops_vision + flops_projector + flops_prefill + flops_decode,
                 kv_bytes_peak=kv_peak)
 
 
-def unreduced_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any], stats: Mapping[str, Any]) -> Cost:
+def unreduced_cost(model_config: LlavaConfig | LlavaNextConfig | Mapping[str, Any],
+                   stats: Stats | Mapping[str, Any]) -> Cost:
     """What the batch of `stats` would have cost with `none`, priced without running it: every visual token at every
     tower and LLM layer and in every cache, the same prompts and the same number of decode steps."""
+    stats = Stats.of(stats)
     dims = model_dims(model_config)
-    steps = int(stats["decode_steps"])
-    prompt = [int(n) for n in stats["prompt_tokens"]]  # [B] real prompt tokens, every <image> placeholder included
-    full_tower = int(stats["num_crops"]) * (dims.vision.patches_per_crop + 1)  # patches + CLS of every crop
-    return batch_cost(model_config, {
-        **stats, "vision_tokens_per_layer": [full_tower] * dims.vision.layers,
-        "tokens_per_layer": [prompt] * dims.text.layers, "kv_entries_prefill": [prompt] * dims.text.layers,
-        "kv_entries_end": [[n + steps for n in prompt]] * dims.text.layers})
+    prompt = stats.prompt_tokens  # [B] real prompt tokens, every <image> placeholder included
+    full_tower = stats.num_crops * (dims.vision.patches_per_crop + 1)  # patches + CLS of every crop
+    return batch_cost(model_config, dataclasses.replace(
+        stats, vision_tokens_per_layer=[full_tower] * dims.vision.layers,
+        tokens_per_layer=[prompt] * dims.text.layers, kv_entries_prefill=[prompt] * dims.text.layers,
+        kv_entries_end=[[n + stats.decode_steps for n in prompt]] * dims.text.layers))

@@ -7,7 +7,6 @@ All counts here are per image (or per row) tensors, since LLaVA-NeXT images have
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,11 +89,6 @@ def llm_counts(entering: Tensor, budget: Tensor, prune_layers: list[int], n_laye
     rho = (lo + hi) / 2
     counts = [torch.round(e * rho ** (i + 1)).long() for i in range(len(prune_layers))]
     return [torch.minimum(c, entering) for c in counts]
-
-
-def smallest_llm_budget(entering: int, first_prune_layer: int, n_layers: int) -> int:
-    """The smallest layer-averaged budget reachable when the first pruning happens at that layer."""
-    return math.ceil(first_prune_layer * entering / n_layers)
 
 
 def split_by_weight(total: Tensor, weights: Tensor, groups: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .stages import pack, unpack
+from .rows import pack, unpack
 from .step import Step
 
 _CHUNK = 1 << 19  # logits per batched product: small enough to stay in cache, large enough for few Python steps

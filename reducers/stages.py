@@ -3,7 +3,8 @@
 filter: choose which candidates to keep (`split`, `local_penalty`); correlate: link each discarded
 candidate to kept ones (`quantile_targets`, `nearest_targets`); compress: fold the discarded into their
 targets (`merge_self_preserving_`, `average_groups`). Everything works on padded per-row candidate
-tensors [N, V] with a validity mask, so rows (prompts or image crops) never influence each other.
+tensors [N, V] with a validity mask, so rows (prompts or image crops) never influence each other; the row-index
+helpers they build on (`pack`, `gather_rows`, ...) are in rows.py.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .rows import gather_rows, pack
 from .step import Reduction, Step
 
 
@@ -26,38 +28,6 @@ class Split:
 
     def reduction(self, hidden: Tensor | None = None) -> Reduction:
         return Reduction(self.kept, self.kept_valid, hidden)
-
-
-def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of the True entries of each row, ascending, padded to the longest row: [N, K] + validity."""
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-    width = int(mask.sum(1).max()) if mask.numel() else 0
-    return order[:, :width], mask.gather(1, order[:, :width])
-
-
-def unpack(index: Tensor, valid: Tensor, width: int) -> Tensor:
-    """The inverse of `pack`: a [N, width] mask, True at the valid per-row indices [N, K]."""
-    mask = torch.zeros(index.shape[0], width + 1, dtype=torch.bool, device=index.device)
-    return mask.scatter_(1, index.masked_fill(~valid, width), True)[:, :width]  # padding lands in a spare column
-
-
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x [N, V, ...] at per-row indices [N, K] -> [N, K, ...]."""
-    n, v = index.shape[0], x.shape[1]
-    flat = index + v * torch.arange(n, device=index.device)[:, None]  # whole rows copy far faster than `gather`
-    return x.reshape(n * v, *x.shape[2:]).index_select(0, flat.view(-1)).view(*index.shape, *x.shape[2:])
-
-
-def scatter_rows(base: Tensor, index: Tensor, values: Tensor, valid: Tensor) -> Tensor:
-    """base [N, S, ...] with values [N, K, ...] written at per-row indices [N, K] where `valid`, others untouched.
-
-    Padded entries write into a spare row that is cut off, so they can never overwrite a real write.
-    """
-    n, spare = base.shape[:2]
-    buffer = torch.cat([base, base[:, :1]], 1)
-    flat = index.masked_fill(~valid, spare) + (spare + 1) * torch.arange(n, device=index.device)[:, None]
-    buffer.view(n * (spare + 1), *base.shape[2:]).index_copy_(0, flat.view(-1), values.reshape(-1, *base.shape[2:]))
-    return buffer[:, :spare]
 
 
 def split(step: Step, keep_score: Tensor, keep: Tensor | None = None) -> Split:

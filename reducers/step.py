@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .rows import gather_rows
+
 
 @dataclass
 class Step:
@@ -37,7 +39,6 @@ class Step:
     @property
     def hidden_cand(self) -> Tensor:
         """[N, V, D] the candidates' hidden states."""
-        from .stages import gather_rows  # stages builds on this module
         return gather_rows(self.hidden, self.cand)
 
     def cand_at(self, index: Tensor) -> Tensor:
@@ -46,7 +47,6 @@ class Step:
 
     def hidden_of(self, index: Tensor) -> Tensor:
         """[N, K, D] the hidden states of the candidates at candidate indices `index` [N, K] (a fresh copy)."""
-        from .stages import gather_rows
         return gather_rows(self.hidden, self.cand_at(index))
 
 

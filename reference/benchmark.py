@@ -159,8 +159,9 @@ def run(model, processor, reducer: str, visual_tokens: int | None = None, ratio:
     `reducers.attach` with its hyperparameters `params` (None: its defaults)."""
     size = image_size_of(processor)
     question_set, caption_set = question_items(seed_start, questions, size), caption_items(seed_start, captions, size)
-    budget = {} if reducer == "none" else {"visual_tokens": visual_tokens, "ratio": ratio}
-    with reducers.attach(model, method_named(reducer, **(params or {})), **budget) as attachment:
+    method = method_named(reducer, **(params or {}))
+    budget = {"visual_tokens": visual_tokens, "ratio": ratio} if method.takes_budget else {}
+    with reducers.attach(model, method, **budget) as attachment:
         question_answers = answer(model, processor, question_set, ANSWER_TOKENS, batch_size, attachment)
         caption_texts = answer(model, processor, caption_set, CAPTION_TOKENS, batch_size, attachment)
     result = score(question_set, question_answers, caption_set, caption_texts)

@@ -175,7 +175,7 @@ def test_attention_block_and_candidate_mean_equal_eager_softmax(causal):
 def test_tower_attention_at_a_site_is_sdpa_bit_for_bit_and_hands_over_its_logsumexp(dtype, masked):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from reducers import runtime
+    from reducers.runtime import sdpa
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 50, 16, generator=g).to(dtype) for _ in range(3))
     mask = None
@@ -186,11 +186,11 @@ def test_tower_attention_at_a_site_is_sdpa_bit_for_bit_and_hands_over_its_logsum
     module.is_causal = False
     expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
     handed = []
-    runtime._lse_sinks[module] = handed.append
+    sdpa._lse_sinks[module] = handed.append
     try:
-        got, _ = runtime._sdpa_keeping_lse(module, q, k, v, mask, scaling=0.25)
+        got, _ = sdpa._sdpa_keeping_lse(module, q, k, v, mask, scaling=0.25)
     finally:
-        del runtime._lse_sinks[module]
+        del sdpa._lse_sinks[module]
     assert torch.equal(got, expected)
     logits = (q.float() @ k.float().transpose(-1, -2)) * 0.25
     if masked:

@@ -15,8 +15,8 @@ import transformers
 
 import reducers
 from conftest import get_tiny
-from reducers import runtime
-from reducers.runtime import CACHE_NAMES, IncompatibleTransformers, _cache_name
+from reducers.runtime import compat
+from reducers.runtime import CACHE_NAMES, IncompatibleTransformers, cache_name
 
 GUARDED = ["none", "fastv", "visionzip", "st3"]  # observing only; LLM site; tower site; decode-time eviction
 
@@ -107,11 +107,11 @@ def test_a_signature_without_a_known_cache_name_is_refused_naming_the_versions()
 
     with pytest.raises(IncompatibleTransformers, match=rf"saw the parameters \['hidden_states', 'kv_store'\].*"
                                                        rf"{transformers.__version__} is installed"):
-        _cache_name(forward, "a decoder layer")
+        cache_name(forward, "a decoder layer")
 
 
 def test_an_untested_transformers_release_is_announced(monkeypatch):
     tiny = get_tiny("llava")
-    monkeypatch.setattr(runtime.transformers, "__version__", "5.99.0")  # the module object the runtime reads
+    monkeypatch.setattr(compat.transformers, "__version__", "5.99.0")  # the module object the runtime reads
     with pytest.warns(UserWarning, match="tested with transformers .* not 5.99.0"):
         reducers.attach(tiny.model, "none").detach()

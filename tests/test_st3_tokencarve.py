@@ -15,7 +15,7 @@ import torch
 
 import reducers
 from conftest import get_tiny, small_model_and_batch
-from reducers.runtime import _compact_cache, cache_of_output
+from reducers.runtime import cache_of_output, compact_cache
 from reducers.shape import ModelShape
 from reducers.spectral import information_score
 from reference.test_models import LlavaSpec
@@ -53,7 +53,7 @@ class VisibleVisual:
                 return
             if layer == 0:
                 self.steps.append({})
-            held = self.runtime.pass_.kv[layer]
+            held = self.runtime.state.pass_.kv[layer]
             self.steps[-1][layer] = [set(held.positions[b][held.visual[b]].tolist()) for b in range(held.visual.shape[0])]
         return record
 
@@ -159,7 +159,7 @@ def test_eviction_compacts_the_cache_in_place_keeping_exactly_the_kept_entries(a
         keep[2] = True
     layer = SimpleNamespace(keys=keys.clone(), values=values.clone())
     storage = layer.keys.untyped_storage().data_ptr()
-    index = _compact_cache(SimpleNamespace(layers=[layer]), 0, keep)  # [B, W]
+    index = compact_cache(SimpleNamespace(layers=[layer]), 0, keep)  # [B, W]
     width = int(keep.sum(1).max())
     assert index.shape == (3, width) and layer.keys.shape[2] == width
     assert layer.keys.untyped_storage().data_ptr() == storage  # a view of the same memory: nothing was copied whole

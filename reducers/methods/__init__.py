@@ -20,6 +20,7 @@ METHODS: dict[str, type["Method"]] = {}
 class Method:
     """Base of every method. Subclasses are dataclasses whose fields are the method's hyperparameters."""
     name: ClassVar[str]
+    takes_budget: ClassVar[bool] = True  # False: the method keeps every visual token and refuses a budget
     vision_share: float = 0.0  # share of the reduction (full -> budget) done inside the vision tower
     prune_cache_before: bool = False  # also cut the caches of the layers before an LLM site to its kept tokens
 

@@ -9,7 +9,8 @@ Attention is read at layer K-1 (causal). A[i, j] is how much query i attends to 
 The text rows are the prompt tokens after the image. Default K = the 4th layer (index 3 of 32).
 """
 from ..scores import attention_block, candidate_mean, masked_mean, text_rows
-from ..stages import gather_rows, merge_self_preserving_, quantile_targets, split
+from ..rows import gather_rows
+from ..stages import merge_self_preserving_, quantile_targets, split
 from ..step import Reduction, Step
 from . import Method, register
 

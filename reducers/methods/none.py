@@ -1,7 +1,7 @@
-"""none: the identity; every visual token reaches every layer."""
+"""none: the identity; every visual token reaches every layer, so it takes no budget."""
 from . import Method, register
 
 
 @register("none")
 class NoReduction(Method):
-    pass
+    takes_budget = False

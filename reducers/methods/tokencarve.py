@@ -16,7 +16,8 @@ import torch
 
 from ..scores import last_token_attention
 from ..spectral import information_score
-from ..stages import gather_rows, merge_most_similar, pack, rank_weights, scatter_rows, split, unpack
+from ..rows import gather_rows, pack, scatter_rows, unpack
+from ..stages import merge_most_similar, rank_weights, split
 from ..step import Reduction, Step
 from . import Method, register
 

@@ -12,8 +12,8 @@ drops CLS, so here all N are patches.
 import torch
 
 from ..scores import cls_attention
-from ..stages import (Split, average_groups, gather_rows, nearest_targets, pack, scatter_rows, split, strided,
-                      unpack)
+from ..rows import gather_rows, pack, scatter_rows, unpack
+from ..stages import Split, average_groups, nearest_targets, split, strided
 from ..step import Reduction, Step
 from . import Method, register
 
