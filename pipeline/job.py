@@ -18,7 +18,7 @@ import ray.data
 
 from pipeline import audit
 from pipeline.bundled import BUNDLED_MODEL, default_prompts, resolve_model
-from pipeline.config import AUTO, ConfigError, Configuration, JobConfig, flag_setting, parse_args
+from pipeline.config import AUTO, ConfigError, Configuration, JobConfig, flag, flag_setting, parse_args
 from pipeline.decode import prepare
 from pipeline.progress import Progress
 from pipeline.retry import ObjectStoreUnavailable
@@ -85,8 +85,10 @@ def fit_batch(config: JobConfig, model_config, configuration: Configuration) -> 
     fit = memory.largest_batch(memory_bytes, memory.weight_bytes(model_config, dtype_bytes), per_row)
     if fit.batch_size < 1:
         source = "" if given is not None else " (the default: set it to the actors' memory)"
-        raise ConfigError(f"--memory-per-actor {memory.format_size(memory_bytes)}{source} does not hold one row of "
-                          f"{configuration.label} with --batch-size auto: {memory.format_size(fit.weights)} of "
+        setting = " ".join([f"--reducer {configuration.reducer}",
+                            *(f"{flag(k)} {v}" for k, v in configuration.budget().items())])
+        raise ConfigError(f"--memory-per-actor {memory.format_size(memory_bytes)}{source} does not hold one row at "
+                          f"{setting} with --batch-size auto: {memory.format_size(fit.weights)} of "
                           f"weights + {memory.format_size(per_row.total)} per row need "
                           f"{memory.format_size(fit.needed(1))}, and {memory.MARGIN:.0%} of the memory is kept free")
     return fit

@@ -178,6 +178,11 @@ def refusal_cases(tmp_path) -> dict[str, list[str]]:
         "has no column 'id'": [*common, "--input", str(other_columns)],
         "Parquet input 0.parquet cannot be read": [*common, "--input", str(corrupt_parquet)],
         "WebDataset input 00000.tar is not a readable tar file": [*common, "--input", str(not_a_tar)],
+        "--memory-per-actor 1.0 MiB does not hold one row at --reducer visionzip --ratio 0.11 with --batch-size auto":
+            [*common, "--batch-size", "auto", "--memory-per-actor", "1MiB", "--reducer", "visionzip", "--ratio", "0.11"],
+        "--memory-per-actor: cannot read '4 apples' as a size": [*common, "--batch-size", "auto",
+                                                                 "--memory-per-actor", "4 apples"],
+        "--batch-size must be a positive integer or auto, got 'big'": [*common, "--batch-size", "big"],
         "does not know: 'Write', 'short', 'caption'": [*common, "--model", "bundled",
                                                        "--prompt", "Write a short caption for the image ."],
     }
