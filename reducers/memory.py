@@ -18,7 +18,7 @@ import torch
 
 from reducers.accounting import ModelDims, as_llava_config, kv_bytes, model_dims
 
-SCORE_BYTES = 4       # attention scores and their softmax are computed in fp32 (eager / math SDPA upcast)
+SCORE_BYTES = 4       # attention scores, where a layer materialises them, are fp32
 LOGIT_BYTES = 4       # generate keeps the last position's logits in fp32
 MARGIN = 0.10         # share of the memory left free for the allocator's fragmentation, the runtime and the stats
 MAX_AUTO_BATCH = 256  # a bound on auto batches: beyond it a batch no longer raises a device's throughput (vLLM's
@@ -106,17 +106,18 @@ def activation_bytes_per_row(dims: ModelDims, vision_heads: int, llm_tokens: int
     """The prefill's transient memory for one row: the larger of the vision tower's and the LLM's phase, plus the
     input embeddings (held through the whole forward) and the last position's logits.
 
-    Each phase sums one layer's tensors as if all were alive at once (hidden state and its norm, Q/K/V/O, fp32
-    scores and their softmax, the MLP's hidden activations), an upper bound: a layer frees most of them before the
-    next part runs. The vision phase also holds every tower layer's output (LLaVA asks for all hidden states to pick
-    its feature layer).
+    Each phase sums one layer's tensors as if all were alive at once (hidden state and its norm, Q/K/V/O, one fp32
+    heads x n x n score matrix, the MLP's hidden activations), an upper bound: a layer frees most of them before the
+    next part runs, and fused SDPA kernels never hold the scores; they are counted once because eager attention and
+    the methods that rank tokens by attention (FastV, FiCoCo, VisionZip's CLS row) do hold them. The vision phase
+    also holds every tower layer's output (LLaVA asks for all hidden states to pick its feature layer).
     """
     text, vision = dims.text, dims.vision
     q_width, kv_width = text.heads * text.head_dim, text.kv_heads * text.head_dim
     llm_layer = llm_tokens * (2 * text.hidden + 2 * q_width + 2 * kv_width + 3 * text.intermediate) * dtype_bytes \
-        + 2 * text.heads * llm_tokens * llm_tokens * SCORE_BYTES
+        + text.heads * llm_tokens * llm_tokens * SCORE_BYTES
     vision_layer = vision_tokens * (6 * vision.hidden + 2 * vision.intermediate) * dtype_bytes \
-        + 2 * vision_heads * vision_tokens * vision_tokens * SCORE_BYTES
+        + vision_heads * vision_tokens * vision_tokens * SCORE_BYTES
     vision_states = (vision.layers + 1) * vision_tokens * vision.hidden * dtype_bytes
     vision_phase = crops * (vision_layer + vision_states)
     embeddings = input_tokens * text.hidden * dtype_bytes

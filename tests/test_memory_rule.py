@@ -21,11 +21,11 @@ from reducers import memory
 from reducers.accounting import reference_config
 
 PROBE = Path(__file__).resolve().parent / "memory_probe.py"
-# The prediction is an upper bound: it counts each layer's attention scores as materialised in fp32 and every part
-# of a layer as alive at once, where fused SDPA kernels never hold the scores. Measured on the probe's model it is
-# 1.9x (none) to 3.2x (VisionZip at 1/9, whose remaining memory is mostly the vision tower's) the measured per-row
-# peak, which is linear in the batch to 2 % once glibc returns every large block (MALLOC_MMAP_THRESHOLD_ fixed).
-LOOSEST = 4.0
+# The prediction is an upper bound: it counts one fp32 attention-score matrix per layer and every part of a layer as
+# alive at once, where fused SDPA kernels never hold the scores. Measured on the probe's model it is 1.3x (none) to
+# 2.0x (VisionZip at 1/9, whose remaining memory is mostly the vision tower's) the measured per-row peak, which is
+# linear in the batch to 2 % once glibc returns every large block (MALLOC_MMAP_THRESHOLD_ fixed).
+LOOSEST = 2.5
 RATIOS = (1.0, 0.33, 0.11)
 
 
