@@ -87,7 +87,8 @@ class JobConfig:
     batch_size: int | str = _opt(8, "images per model batch (a batch never mixes input shards), or auto: the "
                                     "largest batch that --memory-per-actor holds at this reducer and budget "
                                     "(weights + peak KV cache and activations per row, from the model config; "
-                                    "reducers/memory.py), at most 256", "N|auto", group="cluster")
+                                    "reducers/memory.py), at most 256; jobs/plan.py then runs each "
+                                    "configuration at its own", "N|auto", group="cluster")
     actors: tuple[int, int] = _opt((1, 1), "model actor pool size MIN,MAX (one model copy per actor)", "MIN,MAX",
                                    group="cluster")
     memory_per_actor: int | None = _opt(None, "memory one model actor may use, for --batch-size auto: e.g. 24GiB, "

@@ -96,10 +96,14 @@ def fit_batch(config: JobConfig, model_config, configuration: Configuration) -> 
 
 def resolve_batch_size(config: JobConfig, model_config) -> tuple[JobConfig, dict[str, Any] | None]:
     """The job with --batch-size auto replaced by the memory rule's batch, and what the rule saw (for summary.json);
-    a job with a number keeps it and gets None."""
+    a job with a number keeps it and gets None. With --audit-share the audited rows of a batch run unreduced in
+    batches of the same size, so the batch must fit `none` too."""
     if config.batch_size != AUTO:
         return config, None
-    fit = fit_batch(config, model_config, config.configuration())
+    fits = [fit_batch(config, model_config, config.configuration())]
+    if config.audit_share > 0:
+        fits.append(fit_batch(config, model_config, audit.UNREDUCED))
+    fit = min(fits, key=lambda f: f.batch_size)
     rule = {"batch_size": fit.batch_size, "memory_per_actor": fit.memory, "weights_bytes": fit.weights,
             "kv_bytes_per_row": fit.per_row.kv, "activation_bytes_per_row": fit.per_row.activations}
     return dataclasses.replace(config, batch_size=fit.batch_size), rule

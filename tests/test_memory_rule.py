@@ -94,6 +94,9 @@ def test_auto_through_the_job_settings_resolves_before_any_model_loads(tmp_path)
         assert fit.needed(resolved.batch_size) <= fit.usable and rule["memory_per_actor"] == 40 * 1024 ** 2
         batches.append(resolved.batch_size)
     assert batches[0] < batches[1] < batches[2], batches
+    audited = dataclasses.replace(job, reducer="visionzip", ratio=0.11, audit_share=0.5)  # audited rows run unreduced
+    unreduced = fit_batch(job, model_config, Configuration("none")).batch_size
+    assert resolve_batch_size(audited, model_config)[0].batch_size == unreduced < batches[2]
     given = dataclasses.replace(job, batch_size=8)
     assert resolve_batch_size(given, model_config) == (given, None)  # a number is kept as given
 
