@@ -187,7 +187,7 @@ def _parse_actors(text: str | list | tuple | int) -> tuple[int, int]:
 
 
 def _field_types() -> dict[str, Any]:
-    hints = {"int | str": int, "int | None": int, "float | None": float, "str | None": str, "int": int, "float": float, "str": str,
+    hints = {"int | None": int, "float | None": float, "str | None": str, "int": int, "float": float, "str": str,
              "bool": bool}
     return {f.name: hints.get(str(f.type)) for f in dataclasses.fields(JobConfig)}
 

@@ -101,8 +101,8 @@ def row_memory(model_config: Any, reducer: str, budget: dict[str, Any], text_tok
         dims, vision_heads, llm_tokens, input_tokens, vision_tokens, crops, dtype_bytes))
 
 
-def activation_bytes_per_row(dims: ModelDims, vision_heads: int, llm_tokens: int, input_tokens: int, vision_tokens: int, crops: int,
-                             dtype_bytes: int) -> int:
+def activation_bytes_per_row(dims: ModelDims, vision_heads: int, llm_tokens: int, input_tokens: int,
+                             vision_tokens: int, crops: int, dtype_bytes: int) -> int:
     """The prefill's transient memory for one row: the larger of the vision tower's and the LLM's phase, plus the
     input embeddings (held through the whole forward) and the last position's logits.
 
