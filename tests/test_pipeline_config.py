@@ -105,7 +105,7 @@ def test_config_file_and_flag_precedence(tmp_path, suffix):
     (["--actors", "3,1"], "--actors"),
     (["--batch-size", "0"], "--batch-size"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--batch-size", "many"], "--batch-size must be an integer, got 'many'"),
+    (["--batch-size", "many"], "--batch-size must be a positive integer or auto, got 'many'"),
     (["--ratio", "a third"], "--ratio must be a number"),
     (["--actors", "a,b"], "--actors takes MIN,MAX"),
     (["--gpus-per-actor", "-1"], "--gpus-per-actor must not be negative"),
@@ -131,7 +131,7 @@ def test_config_file_errors(tmp_path):
         parse_args("caption", ["--config", str(tmp_path / "missing.yaml")])
     wrong_type = tmp_path / "wrong.yaml"
     wrong_type.write_text("batch_size: many\n")
-    with pytest.raises(ConfigError, match="--batch-size must be an integer"):
+    with pytest.raises(ConfigError, match="--batch-size must be a positive integer or auto"):
         parse_args("caption", ["--config", str(wrong_type)])
 
 

@@ -215,7 +215,12 @@ def test_a_sweep_runs_each_configuration_in_batches_of_its_own_size(tmp_path):
     scenes.write_parquet(tmp_path / "sample.parquet", range(60_000_200, 60_000_207))  # 7 rows, one shard
     job = job_args("caption", ["--batch-size", "5", "--dtype", "fp32"])
     chosen = [Configuration("none", batch_size=2), Configuration("visionzip", ratio=0.11, batch_size=5)]
-    rows, _, _ = sweep(job, str(tmp_path / "sample.parquet"), chosen)
+    import ray
+
+    try:
+        rows, _, _ = sweep(job, str(tmp_path / "sample.parquet"), chosen)
+    finally:
+        ray.shutdown()  # the sweep starts a local Ray; later modules start their own
     for configuration, largest in ((chosen[0], 2), (chosen[1], 5)):
         batches = [r["cost"]["n_rows"] for r in rows if r["configuration"] == configuration.label and r["cost"]]
         assert sum(batches) == 7 and max(batches) == largest, (configuration.label, batches)
