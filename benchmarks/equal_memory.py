@@ -9,15 +9,15 @@ CPU. For `none` and every method at 1/3 and 1/9 of the visual tokens: the auto b
 peak memory measured during that batch, one generate's seconds, images/s and the speed-up over `none`.
 
 Peak memory: on a GPU torch.cuda.max_memory_allocated; on CPU the resident set's high-water mark during the batch
-(VmHWM, reset before it) minus the resident set before it, plus the weights, with glibc's mmap threshold fixed so
-freed blocks leave the resident set at once (tests/memory_probe.py does the same).
+(VmHWM, reset before it) minus the resident set before it, plus the weights. glibc keeps some freed blocks, so
+this can read a little high; fixing its mmap threshold as tests/memory_probe.py does makes it exact but turns every
+tensor allocation into a page-faulting mmap, which slowed generate several-fold here, so timings would be wrong.
 
     scripts/netns-run .venv/bin/python -m benchmarks.equal_memory [--threads 1] [--methods visionzip,fastv]
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import datetime
 import re
@@ -33,7 +33,6 @@ from reducers import memory
 from reducers.tiny import build_model, build_processor
 
 RATIOS = (0.33, 0.11)
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 def resident_bytes(field: str) -> int:
@@ -64,8 +63,6 @@ def main() -> None:
     spec, dtype, device_name = setup(args)
     if not args.llava_7b:
         spec = dataclasses.replace(spec, llm_layers=12)  # the e2e benchmark's depth
-    if args.device == "cpu":
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     processor = build_processor(spec)
     model = build_model(processor.tokenizer, spec, dtype=dtype).to(args.device)
     dtype_bytes = torch.finfo(dtype).bits // 8
