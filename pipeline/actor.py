@@ -99,10 +99,11 @@ class ModelActor:
         """`rows` through one configuration, in model batches that never mix shards."""
         self._switch_to(configuration)
         out: list[dict[str, Any]] = []
+        size = configuration.batch_size or self.config.batch_size
         for _, same_shard in groupby(rows, key=lambda r: r["shard"]):
             shard_rows = list(same_shard)
-            for start in range(0, len(shard_rows), self.config.batch_size):
-                out.extend(self._run(shard_rows[start:start + self.config.batch_size]))
+            for start in range(0, len(shard_rows), size):
+                out.extend(self._run(shard_rows[start:start + size]))
         return out
 
     def _switch_to(self, configuration: Configuration) -> None:

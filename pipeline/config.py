@@ -20,6 +20,7 @@ SAMPLES = Path(__file__).resolve().parent / "assets" / "samples"
 TASKS = ("caption", "vqa")
 FORMATS = ("auto", "parquet", "webdataset", "images")
 DTYPES = ("bf16", "fp16", "fp32")
+AUTO = "auto"  # --batch-size auto: the memory rule chooses the batch (pipeline/job.py, reducers/memory.py)
 
 
 class ConfigError(ValueError):
@@ -80,9 +81,17 @@ class JobConfig:
                                       f"{BUNDLED_PROMPTS['question']!r} with the bundled model, else "
                                       f"{GENERIC_PROMPTS['question']!r})", "TEXT", group="model and reduction")
     max_new_tokens: int = _opt(32, "most tokens generated per image", "N", group="model and reduction")
-    batch_size: int = _opt(8, "images per model batch (a batch never mixes input shards)", "N", group="cluster")
+    batch_size: int | str = _opt(8, "images per model batch (a batch never mixes input shards), or auto: the "
+                                    "largest batch that --memory-per-actor holds at this reducer and budget "
+                                    "(weights + peak KV cache and activations per row, from the model config; "
+                                    "reducers/memory.py), at most 256; jobs/plan.py then runs each "
+                                    "configuration at its own", "N|auto", group="cluster")
     actors: tuple[int, int] = _opt((1, 1), "model actor pool size MIN,MAX (one model copy per actor)", "MIN,MAX",
                                    group="cluster")
+    memory_per_actor: int | None = _opt(None, "memory one model actor may use, for --batch-size auto: e.g. 24GiB, "
+                                              "4G, 512MiB (default: the GPU's total memory, or on CPU this "
+                                              "machine's available memory / --actors MAX; 10 % of it is kept free)",
+                                        "SIZE", group="cluster")
     gpus_per_actor: float | None = _opt(None, "GPUs each actor asks Ray for (default: 1 if the cluster has GPUs, "
                                               "else 0)", "F", group="cluster")
     cpus_per_actor: float | None = _opt(None, "CPUs each actor asks Ray for (default: 1 with GPUs, else 0.5 so a "
@@ -139,7 +148,9 @@ class JobConfig:
         if self.audit_share > 0 and self.reducer == "none":
             raise ConfigError(f"{flag('audit_share')} compares the reducer's output with none's; this job runs none "
                               "already")
-        for name in ("max_new_tokens", "batch_size", "images_per_shard", "max_image_pixels"):
+        if self.batch_size != AUTO and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ConfigError(f"{flag('batch_size')} must be a positive integer or {AUTO}, got {self.batch_size!r}")
+        for name in ("max_new_tokens", "images_per_shard", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("gpus_per_actor", "cpus_per_actor", "price_per_gpu_hour", "io_retry_seconds"):
@@ -187,6 +198,20 @@ def _coerce(name: str, value: Any) -> Any:
         return None
     if name == "actors":
         return _parse_actors(value)
+    if name == "memory_per_actor":
+        from reducers.memory import parse_size  # torch is imported only once a job needs it, not for --help
+
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise ConfigError(f"{flag(name)}: {e}") from None
+    if name == "batch_size":
+        if str(value).strip().lower() == AUTO:
+            return AUTO
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{flag(name)} must be a positive integer or {AUTO}, got {value!r}") from None
     kind = _field_types()[name]
     if kind is bool:
         if isinstance(value, bool):
@@ -249,6 +274,7 @@ class Configuration:
     reducer: str
     visual_tokens: int | None = None
     ratio: float | None = None
+    batch_size: int | None = None  # the planner's --batch-size auto: this configuration's own; else the job's
 
     def budget(self) -> dict[str, Any]:
         """The budget arguments of reducers.attach / reducers.validate."""

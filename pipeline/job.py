@@ -6,10 +6,11 @@ torch and the model code are imported inside the functions that use them, so `--
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow.fs as pafs
 import ray
@@ -17,12 +18,17 @@ import ray.data
 
 from pipeline import audit
 from pipeline.bundled import BUNDLED_MODEL, default_prompts, resolve_model
-from pipeline.config import ConfigError, Configuration, JobConfig, flag_setting, parse_args
+from pipeline.config import AUTO, ConfigError, Configuration, JobConfig, flag, flag_setting, parse_args
 from pipeline.decode import prepare
 from pipeline.progress import Progress
 from pipeline.retry import ObjectStoreUnavailable
 from pipeline.sinks import ShardSink, shard_folder
 from pipeline.sources import Shard, ShardSource, check_first_shard, list_shards, open_uri
+
+if TYPE_CHECKING:
+    from reducers.memory import BatchFit
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass
@@ -32,6 +38,8 @@ class Plan:
     shards: list[Shard]
     sink: ShardSink
     done: dict[str, dict[str, int]]  # output folder -> {rows, errors} of shards finished by earlier runs
+    config: JobConfig                # the job's settings with --batch-size auto resolved
+    memory_rule: dict[str, Any] | None  # what --batch-size auto saw and chose; None for a given batch size
 
     @property
     def pending(self) -> list[Shard]:
@@ -59,6 +67,48 @@ def check_reducer(model_config, config: JobConfig) -> None:
         raise ConfigError(f"--reducer {config.reducer}: {e}") from None
 
 
+def fit_batch(config: JobConfig, model_config, configuration: Configuration) -> "BatchFit":
+    """The memory rule (reducers/memory.py) for one configuration of this job, from the model config and the prompt's
+    length alone; ConfigError naming --memory-per-actor when not even one row fits."""
+    from pipeline.decode import load_processor, prompt_text
+    from reducers import memory
+
+    processor = load_processor(config.model)
+    instruction = config.prompt if config.task == "caption" else config.question
+    prompt_ids = processor.tokenizer(prompt_text(processor, instruction))["input_ids"]
+    text_tokens = len(prompt_ids) - 1  # the one <image> placeholder is priced as the visual tokens it expands to
+    dtype_bytes = DTYPE_BYTES[config.dtype]
+    given = config.memory_per_actor
+    memory_bytes = given if given is not None else memory.default_memory(config.actors[1])[0]
+    per_row = memory.row_memory(model_config, configuration.reducer, configuration.budget(), text_tokens,
+                                config.max_new_tokens, dtype_bytes)
+    fit = memory.largest_batch(memory_bytes, memory.weight_bytes(model_config, dtype_bytes), per_row)
+    if fit.batch_size < 1:
+        source = "" if given is not None else " (the default: set it to the actors' memory)"
+        setting = " ".join([f"--reducer {configuration.reducer}",
+                            *(f"{flag(k)} {v}" for k, v in configuration.budget().items())])
+        raise ConfigError(f"--memory-per-actor {memory.format_size(memory_bytes)}{source} does not hold one row at "
+                          f"{setting} with --batch-size auto: {memory.format_size(fit.weights)} of "
+                          f"weights + {memory.format_size(per_row.total)} per row need "
+                          f"{memory.format_size(fit.needed(1))}, and {memory.MARGIN:.0%} of the memory is kept free")
+    return fit
+
+
+def resolve_batch_size(config: JobConfig, model_config) -> tuple[JobConfig, dict[str, Any] | None]:
+    """The job with --batch-size auto replaced by the memory rule's batch, and what the rule saw (for summary.json);
+    a job with a number keeps it and gets None. With --audit-share the audited rows of a batch run unreduced in
+    batches of the same size, so the batch must fit `none` too."""
+    if config.batch_size != AUTO:
+        return config, None
+    fits = [fit_batch(config, model_config, config.configuration())]
+    if config.audit_share > 0:
+        fits.append(fit_batch(config, model_config, audit.UNREDUCED))
+    fit = min(fits, key=lambda f: f.batch_size)
+    rule = {"batch_size": fit.batch_size, "memory_per_actor": fit.memory, "weights_bytes": fit.weights,
+            "kv_bytes_per_row": fit.per_row.kv, "activation_bytes_per_row": fit.per_row.activations}
+    return dataclasses.replace(config, batch_size=fit.batch_size), rule
+
+
 def check_instruction(config: JobConfig) -> None:
     """Refuses a --prompt (caption) or --question (vqa) with words the model's tokenizer cannot encode."""
     from pipeline.decode import load_processor, unknown_words
@@ -83,11 +133,13 @@ def plan(config: JobConfig) -> Plan:
     output_fs, output_root = open_uri(config.output, "--output")
     sink = ShardSink(output_fs, output_root, config.configuration().label, config.task, config.io_retry_seconds)
     sink.check_writable(config.output)
-    check_reducer(load_model_config(config.model), config)
+    model_config = load_model_config(config.model)
+    check_reducer(model_config, config)
     check_instruction(config)
+    config, memory_rule = resolve_batch_size(config, model_config)
     if config.overwrite:
         sink.clear()
-    return Plan(input_fs, shards, sink, sink.completed())
+    return Plan(input_fs, shards, sink, sink.completed(), config, memory_rule)
 
 
 def actor_resources(config: JobConfig, cluster_gpus: float) -> tuple[float, float]:
@@ -116,6 +168,7 @@ def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard],
 def run(config: JobConfig) -> dict[str, Any]:
     """Run the job to the end (or resume it); returns the summary that is also written to summary.json."""
     job = plan(config)
+    config = job.config
     pending = job.pending
     for shard in pending:
         job.sink.discard_partial(shard.name)
@@ -159,6 +212,8 @@ def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
         "visual_tokens_in": sum(c["visual_tokens_in"] for c in ledger),
         "visual_tokens_kept": sum(c["visual_tokens_kept"] for c in ledger), "settings": config.settings(),
     }
+    if job.memory_rule:
+        summary["batch_size_auto"] = job.memory_rule
     if config.audit_share > 0:  # over every finished shard, this run's and earlier runs'
         summary["audit"] = audit.summarize(sum(d.get("audited", 0) for d in done.values()),
                                            sum(d.get("agreement_sum", 0.0) for d in done.values()),
@@ -210,7 +265,16 @@ def find_outage(error: BaseException) -> ObjectStoreUnavailable | None:
 def report(summary: dict[str, Any]) -> str:
     """What a person reads at the end of a job: where the results are, what the reduction kept and saved."""
     settings, output = summary["settings"], summary["settings"]["output"].rstrip("/")
-    lines = [f"{summary['rows_this_run']} images ({summary['errors_this_run']} errors) in {summary['seconds']:.1f} s, "
+    lines = []
+    if "batch_size_auto" in summary:
+        from reducers.memory import format_size
+
+        rule = summary["batch_size_auto"]
+        per_row = rule["kv_bytes_per_row"] + rule["activation_bytes_per_row"]
+        lines.append(f"batch size auto: {rule['batch_size']} rows ({format_size(rule['weights_bytes'])} of weights + "
+                     f"{format_size(per_row)} per row within --memory-per-actor "
+                     f"{format_size(rule['memory_per_actor'])})")
+    lines += [f"{summary['rows_this_run']} images ({summary['errors_this_run']} errors) in {summary['seconds']:.1f} s, "
              f"{summary['images_per_s']:.2f} images/s -> {output}/results/ (the output now holds {summary['rows']} "
              f"rows; summary: {output}/summary.json)"]
     if summary["visual_tokens_in"]:

@@ -20,8 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import agreement
-from pipeline.config import (GROUPS, TASKS, ConfigError, Configuration, JobConfig, _opt, add_flags, build_parser,
-                             flag, job_config)
+from pipeline.config import (AUTO, GROUPS, TASKS, ConfigError, Configuration, JobConfig, _opt, add_flags,
+                             build_parser, flag, job_config)
 from pipeline.sample import RowCount, count_rows, draw, read_sample
 from pipeline.sources import list_shards, open_uri
 
@@ -136,7 +136,8 @@ def steady_batches(ledger: list[dict], batch_size: int) -> list[dict]:
 
 def measure(rows: list[dict], chosen: list[Configuration], sample_reference: dict[str, str | None], task: str,
             batch_size: int, seed: int) -> list[Measured]:
-    """Agreement with none and cost per image of each configuration, from the sweep's rows and ledger."""
+    """Agreement with none and cost per image of each configuration, from the sweep's rows and ledger; a
+    configuration with its own batch size (--batch-size auto) is priced at it, the others at `batch_size`."""
     metric = agreement.METRICS[task]
     by_label: dict[str, dict[str, dict]] = {c.label: {} for c in chosen}
     for row in rows:
@@ -152,7 +153,8 @@ def measure(rows: list[dict], chosen: list[Configuration], sample_reference: dic
         labelled = [i for i in scored if sample_reference.get(i) is not None]
         accuracy, accuracy_ci = (agreement.mean_with_interval([metric(outputs[i]["text"], sample_reference[i])
                                                                for i in labelled]) if labelled else (None, None))
-        ledger = steady_batches([r["cost"] for r in outputs.values() if r["cost"] is not None], batch_size)
+        ledger = steady_batches([r["cost"] for r in outputs.values() if r["cost"] is not None],
+                                c.batch_size or batch_size)
         seconds = np.array([b["device_seconds"] for b in ledger])
         images = np.array([b["n_rows"] - b["n_errors"] for b in ledger], dtype=np.float64)
         n_images = max(images.sum(), 1)
@@ -228,7 +230,7 @@ def pareto_labels(entries: list[dict[str, Any]]) -> set[str]:
 
 def run(job: JobConfig, plan: PlanConfig) -> dict[str, Any]:
     """The whole planner; returns plan.json's contents (also written, with the other files, under job.output)."""
-    from pipeline.job import check_instruction, load_model_config
+    from pipeline.job import check_instruction, fit_batch, load_model_config
     from pipeline.plan_report import write_plan
     from pipeline.sinks import ShardSink
 
@@ -236,6 +238,9 @@ def run(job: JobConfig, plan: PlanConfig) -> dict[str, Any]:
     model_config = load_model_config(job.model)
     check_instruction(job)
     chosen, skipped = configurations(model_config, plan)
+    if job.batch_size == AUTO:  # each configuration at its own largest batch; the pipeline's blocks hold the largest
+        chosen = [dataclasses.replace(c, batch_size=fit_batch(job, model_config, c).batch_size) for c in chosen]
+        job = dataclasses.replace(job, batch_size=max(c.batch_size for c in chosen))
     input_fs, root = open_uri(job.input, "--input")
     output_fs, output_root = open_uri(job.output, "--output")
     ShardSink(output_fs, output_root, "none", job.task, job.io_retry_seconds).check_writable(job.output)
@@ -259,7 +264,7 @@ def run(job: JobConfig, plan: PlanConfig) -> dict[str, Any]:
         entries.append({
             "label": m.configuration.label, "reducer": m.configuration.reducer,
             "visual_tokens": m.configuration.visual_tokens, "ratio": m.configuration.ratio,
-            "batch_size": job.batch_size, "rows": m.rows, "errors": m.errors,
+            "batch_size": m.configuration.batch_size or job.batch_size, "rows": m.rows, "errors": m.errors,
             "agreement": m.agreement, "agreement_ci": list(m.agreement_ci),
             "accuracy": m.accuracy, "accuracy_ci": list(m.accuracy_ci) if m.accuracy_ci else None,
             "device_seconds_per_image": m.device_seconds_per_image,

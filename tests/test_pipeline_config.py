@@ -105,7 +105,7 @@ def test_config_file_and_flag_precedence(tmp_path, suffix):
     (["--actors", "3,1"], "--actors"),
     (["--batch-size", "0"], "--batch-size"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--batch-size", "many"], "--batch-size must be an integer, got 'many'"),
+    (["--batch-size", "many"], "--batch-size must be a positive integer or auto, got 'many'"),
     (["--ratio", "a third"], "--ratio must be a number"),
     (["--actors", "a,b"], "--actors takes MIN,MAX"),
     (["--gpus-per-actor", "-1"], "--gpus-per-actor must not be negative"),
@@ -131,7 +131,7 @@ def test_config_file_errors(tmp_path):
         parse_args("caption", ["--config", str(tmp_path / "missing.yaml")])
     wrong_type = tmp_path / "wrong.yaml"
     wrong_type.write_text("batch_size: many\n")
-    with pytest.raises(ConfigError, match="--batch-size must be an integer"):
+    with pytest.raises(ConfigError, match="--batch-size must be a positive integer or auto"):
         parse_args("caption", ["--config", str(wrong_type)])
 
 
@@ -178,6 +178,11 @@ def refusal_cases(tmp_path) -> dict[str, list[str]]:
         "has no column 'id'": [*common, "--input", str(other_columns)],
         "Parquet input 0.parquet cannot be read": [*common, "--input", str(corrupt_parquet)],
         "WebDataset input 00000.tar is not a readable tar file": [*common, "--input", str(not_a_tar)],
+        "--memory-per-actor 1.0 MiB does not hold one row at --reducer visionzip --ratio 0.11 with --batch-size auto":
+            [*common, "--batch-size", "auto", "--memory-per-actor", "1MiB", "--reducer", "visionzip", "--ratio", "0.11"],
+        "--memory-per-actor: cannot read '4 apples' as a size": [*common, "--batch-size", "auto",
+                                                                 "--memory-per-actor", "4 apples"],
+        "--batch-size must be a positive integer or auto, got 'big'": [*common, "--batch-size", "big"],
         "does not know: 'Write', 'short', 'caption'": [*common, "--model", "bundled",
                                                        "--prompt", "Write a short caption for the image ."],
     }

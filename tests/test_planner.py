@@ -205,3 +205,23 @@ def test_a_plan_on_held_out_scenes_and_its_job_yaml_run_as_a_job_agree(tmp_path)
     assert {r["reducer"] for r in chosen.values()} == {plan["recommendation"]["reducer"]}
     recomputed = sum(agreement.token_f1(chosen[i]["text"], unreduced[i]) for i in chosen) / len(chosen)
     assert recomputed == pytest.approx(plan["recommendation"]["agreement"])
+
+
+def test_a_sweep_runs_each_configuration_in_batches_of_its_own_size(tmp_path):
+    """What --batch-size auto gives the sweep: each configuration its own batch, within blocks of the largest."""
+    from pipeline.config import Configuration
+    from pipeline.config import parse_args as job_args
+    from pipeline.planner import sweep
+
+    scenes.write_parquet(tmp_path / "sample.parquet", range(60_000_200, 60_000_207))  # 7 rows, one shard
+    job = job_args("caption", ["--batch-size", "5", "--dtype", "fp32"])
+    chosen = [Configuration("none", batch_size=2), Configuration("visionzip", ratio=0.11, batch_size=5)]
+    import ray
+
+    try:
+        rows, _, _ = sweep(job, str(tmp_path / "sample.parquet"), chosen)
+    finally:
+        ray.shutdown()  # the sweep starts a local Ray; later modules start their own
+    for configuration, largest in ((chosen[0], 2), (chosen[1], 5)):
+        batches = [r["cost"]["n_rows"] for r in rows if r["configuration"] == configuration.label and r["cost"]]
+        assert sum(batches) == 7 and max(batches) == largest, (configuration.label, batches)

@@ -1,0 +1,106 @@
+"""Throughput at equal memory: each configuration captions at its own `--batch-size auto` batch within one fixed
+memory per actor, so a reduction's smaller KV cache and activations buy a larger batch.
+
+The end-to-end benchmark's model (benchmarks/e2e.py: random-weight LLaVA-1.5-like shapes, 12 LLM layers, bf16,
+~40 text tokens, exactly 60 generated tokens). The memory per actor is, unless --memory is given, the memory that
+holds exactly --rows (4) rows of `none` by the rule (reducers/memory.py): a small unreduced batch is where a
+batch is memory-bound and the freed memory matters, and it keeps the largest reduced batch short enough to run on a
+CPU. For `none` and every method at 1/3 and 1/9 of the visual tokens: the auto batch, the rule's memory for it, the
+peak memory measured during that batch, one generate's seconds, images/s and the speed-up over `none`.
+
+Peak memory: on a GPU torch.cuda.max_memory_allocated; on CPU the resident set's high-water mark during the batch
+(VmHWM, reset before it) minus the resident set before it, plus the weights. glibc keeps some freed blocks, so
+this can read a little high; fixing its mmap threshold as tests/memory_probe.py does makes it exact but turns every
+tensor allocation into a page-faulting mmap, which slowed generate several-fold here, so timings would be wrong.
+
+    scripts/netns-run .venv/bin/python -m benchmarks.equal_memory [--threads 1] [--methods visionzip,fastv]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import re
+import statistics
+from pathlib import Path
+
+import torch
+
+import reducers
+from benchmarks.e2e import NEW_TOKENS, caption
+from benchmarks.prefill import add_shared_arguments, make_batch, setup
+from reducers import memory
+from reference.test_models import build_model, build_processor
+
+RATIOS = (0.33, 0.11)
+
+
+def resident_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (high-water mark since the last reset) of this process."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
+def timed_batch(model, processor, rows: int, dtype: torch.dtype, device: str) -> tuple[float, int]:
+    """(seconds of one 60-token caption of `rows` images, peak bytes the batch added to the resident model)."""
+    batch = make_batch(processor, rows, dtype, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        seconds = caption(model, batch)
+        return seconds, torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+    before = resident_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    seconds = caption(model, batch)
+    return seconds, resident_bytes("VmHWM") - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shared_arguments(parser, repeats=1)
+    parser.add_argument("--memory", help="memory per actor, e.g. 3GiB (default: what holds --rows rows of none)")
+    next(a for a in parser._actions if a.dest == "rows").help = "none's auto batch at the default memory; default 4"
+    args = parser.parse_args()
+    spec, dtype, device_name = setup(args)
+    if not args.llava_7b:
+        spec = dataclasses.replace(spec, llm_layers=12)  # the e2e benchmark's depth
+    processor = build_processor(spec)
+    model = build_model(processor.tokenizer, spec, dtype=dtype).to(args.device)
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    text_tokens = int((make_batch(processor, 1, dtype, "cpu")["input_ids"][0] != model.config.image_token_id).sum())
+    weights = memory.weight_bytes(model.config, dtype_bytes)
+
+    def row(method: str, budget: dict) -> memory.RowMemory:
+        return memory.row_memory(model.config, method, budget, text_tokens, NEW_TOKENS, dtype_bytes)
+
+    per_actor = (memory.parse_size(args.memory) if args.memory else
+                 int((weights + args.rows * row("none", {}).total) / (1 - memory.MARGIN)) + 1)
+    print(f"# throughput at equal memory {datetime.date.today()} on {device_name}; vision {spec.vision_hidden}x"
+          f"{spec.vision_layers}, LLM {spec.llm_hidden}x{spec.llm_layers}, {dtype}, {NEW_TOKENS} new tokens, "
+          f"{text_tokens} text tokens; memory per actor {memory.format_size(per_actor)} (weights "
+          f"{memory.format_size(weights)})")
+    print("| configuration | auto batch | rule: memory for it | measured peak | s per batch (median) | images/s "
+          "| speed-up |\n|---|---|---|---|---|---|---|")
+    timed_batch(model, processor, 1, dtype, args.device)  # warm-up: allocators, kernels, thread pools
+    configurations = [("none", {})] + [(m, {"ratio": r}) for m in args.methods.split(",") if m != "none"
+                                       for r in RATIOS]
+    baseline = None
+    for method, budget in configurations:
+        label = method + "".join(f" @ {r:g}" for r in budget.values())
+        try:
+            reducers.validate(model.config, method, **budget)
+        except ValueError as error:
+            print(f"| {label} | not measured: {error} |", flush=True)
+            continue
+        fit = memory.largest_batch(per_actor, weights, row(method, budget))
+        with reducers.attach(model, method, **budget):
+            runs = [timed_batch(model, processor, fit.batch_size, dtype, args.device) for _ in range(args.repeats)]
+        seconds, added = statistics.median(s for s, _ in runs), max(a for _, a in runs)
+        images_per_s = fit.batch_size / seconds
+        baseline = baseline or images_per_s
+        print(f"| {label} | {fit.batch_size} | {memory.format_size(fit.needed(fit.batch_size))} | "
+              f"{memory.format_size(weights + added)} | {seconds:.1f} | {images_per_s:.3f} | "
+              f"{images_per_s / baseline:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
