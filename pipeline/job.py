@@ -177,7 +177,7 @@ def record_run(config: JobConfig, job: Plan, summary: dict[str, Any], began) -> 
               "rows": summary["rows_this_run"], "errors": summary["errors_this_run"],
               "seconds": summary["seconds"], "device_seconds": summary["device_seconds"],
               "cost_usd": summary["cost_usd"], "images_per_s": summary["images_per_s"],
-              "output_rows": summary["rows"], "output_errors": summary["errors"]}
+              "output_rows": summary["rows"], "output_errors": summary["errors"], "settings": summary["settings"]}
     if "audit" in summary:
         record["audit"] = summary["audit"]
     history.write_run(sink.fs, sink.root, record, config.io_retry_seconds)
