@@ -26,7 +26,7 @@ SAMPLE_IMAGES = 6
 THUMBNAIL_PX = 160
 RETRY_SECONDS = 30.0
 COLUMNS = ("run", "start (UTC)", "new", "changed", "unchanged", "retried", "failed", "not started", "rows", "errors",
-           "cost USD", "images/s", "device s")
+           "cost USD", "images/s", "device-s")
 
 
 def run_row(run: dict[str, Any]) -> list[str]:
@@ -55,6 +55,7 @@ def trend_plot(runs: list[dict[str, Any]]) -> str:
     fig, (cost, speed) = plt.subplots(1, 2, figsize=(9, 2.8), dpi=100)
     cost.bar(labels, [r["cost_usd"] for r in runs], color="#4c78a8")
     cost.set_title("cost per run (USD)", fontsize=10)
+    cost.ticklabel_format(axis="y", style="sci", scilimits=(-2, 4))  # cents and below read as 1.6e-4, not 0.000160
     speed.plot(labels, [r["images_per_s"] for r in runs], marker="o", color="#f58518")
     speed.set_title("throughput (images/s)", fontsize=10)
     speed.set_ylim(bottom=0)
@@ -113,12 +114,12 @@ def thumbnails(settings: dict[str, Any], picks: list[dict[str, Any]]) -> dict[st
     return out
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1240px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
 th{background:#f4f4f4}td.l,th.l{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:14px}
 .card{width:180px;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:13px}
-.card img{display:block;margin:0 auto 6px;max-width:160px;max-height:160px}.muted{color:#777}"""
+.card img{display:block;margin:0 auto 6px;height:120px;max-width:160px;object-fit:contain;image-rendering:pixelated}.muted{color:#777}"""
 
 
 def html_page(output: str, runs: list[dict[str, Any]], results: pa.Table | None, thumbs: dict[str, str]) -> str:

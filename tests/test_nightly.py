@@ -2,8 +2,12 @@
 sent with `ray job submit` (fixtures and helpers of test_e2e_s3_ray)."""
 from __future__ import annotations
 
+import html
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline_data import good_images, save_test_model, write_parquet_shard
-from test_e2e_s3_ray import BUCKET, _markers, _read_table, _s3, _submit, _upload, cluster  # noqa: F401 (fixture)
+from test_e2e_s3_ray import BUCKET, ROOT, _markers, _read_table, _s3, _submit, _upload, cluster  # noqa: F401 (fixture)
 
 SMALL_PIXELS = "2000"  # nights 1-2: the 60x60 PNG (3600 pixels) is an error row; night 3 lifts the limit
 
@@ -71,12 +75,14 @@ def test_three_nights_on_a_growing_bucket(cluster):
     assert "output holds reducer none; this job asks for fastv at 16 tokens" in refused.stdout + refused.stderr
     assert _markers(fs, f"{out}/results") == before and len(_runs(env, out)) == 1  # nothing touched
 
-    # Night 2: p1's object replaced (another row), p2 added, and two shards that cannot be read as a whole.
-    write_parquet_shard(local / "p1.parquet", {"b0": good[2], "b2": good[4], "b3": good[5]})
-    write_parquet_shard(local / "p2.parquet", {"c0": good[0], "c1": good[1]})
-    (local / "p3.parquet").write_bytes(b"PAR1 this is no parquet footer PAR1")
-    pd.DataFrame({"id": ["e0"], "picture": [good[2]]}).to_parquet(local / "p4.parquet")  # no `image` column
-    _upload(env, local, "in/nightly")
+    # Night 2: p1's object replaced (another row), p2 added, and two shards that cannot be read as a whole. Only
+    # these are uploaded: an identical object uploaded again gets a new mtime, and S3 identity is size + mtime.
+    added = work / "night2"
+    write_parquet_shard(added / "p1.parquet", {"b0": good[2], "b2": good[4], "b3": good[5]})
+    write_parquet_shard(added / "p2.parquet", {"c0": good[0], "c1": good[1]})
+    (added / "p3.parquet").write_bytes(b"PAR1 this is no parquet footer PAR1")
+    pd.DataFrame({"id": ["e0"], "picture": [good[2]]}).to_parquet(added / "p4.parquet")  # no `image` column
+    _upload(env, added, "in/nightly")
     night2 = _submit(address, env, "caption.py", *args, "--max-image-pixels", SMALL_PIXELS)
     _ok(night2, "night 2")
     assert "5 shards: 3 new, 1 changed, 1 unchanged" in night2.stdout
@@ -109,6 +115,25 @@ def test_three_nights_on_a_growing_bucket(cluster):
     assert costs["n_rows"].sum() == 3 + 1 + 3 + 2  # p0 twice (night 1, its retried row), p1 new, p2
     assert all(r["device_seconds"] > 0 and r["cost_usd"] > 0 and r["fingerprint"]["reduction"] == "none"
                for r in runs)
+    _check_report(env, out, runs, third, work / "report.html")
+
+
+def _check_report(env: dict[str, str], out: str, runs: list[dict], results: pd.DataFrame, page: Path) -> None:
+    """jobs/report.py: a line per run with the history's figures; the page holds the table, the plot, and the
+    latest run's captions beside their images (night 3 retried only `big`)."""
+    report = subprocess.run([sys.executable, "jobs/report.py", f"s3://{out}", "--html", str(page)], cwd=ROOT,
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    lines = report.stdout.splitlines()
+    assert len(lines) == 1 + len(runs) + 1 and lines[-1] == f"report page: {page}"
+    for line, run in zip(lines[1:], runs):
+        cells = line.split()
+        assert cells[0] == run["run_id"] and cells[-5:-3] == [str(run["rows"]), str(run["errors"])]
+    text = page.read_text()
+    assert text.count("<tr><td") == len(runs) + 1  # the runs, and the error table's "none" row
+    assert text.count('src="data:image/png;base64,') == 1 and 'src="http' not in text  # nothing fetched
+    caption = results.loc[results["id"] == "big", "text"].item()
+    assert text.count('src="data:image/jpeg;base64,') == 1 and f"<b>big</b><br>{html.escape(caption)}" in text
 
 
 def test_cost_cap_stops_new_shards_and_the_next_run_finishes(cluster):
