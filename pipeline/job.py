@@ -87,14 +87,14 @@ def plan(config: JobConfig) -> Plan:
     input_fs, root = open_uri(config.input, "--input")
     shards = list_shards(input_fs, root, config)
     output_fs, output_root = open_uri(config.output, "--output")
-    sink = ShardSink(output_fs, output_root, config.configuration().label, config.task, config.io_retry_seconds,
-                     fingerprint(config))
+    sink = ShardSink(output_fs, output_root, config.configuration().label, config.task, config.io_retry_seconds)
+    sink.check_writable(config.output)
     markers = {} if config.overwrite else sink.completed()
     if not markers:  # a first run: an unreadable first shard is most likely the wrong --input or --format
         check_first_shard(input_fs, shards[0], config)
-    sink.check_writable(config.output)
     check_reducer(load_model_config(config.model), config)
     check_instruction(config)
+    sink.fingerprint = fingerprint(config)  # after the model checks: they name a --model that is not one
     check_fingerprint(markers, sink.fingerprint)
     sink.identities = input_identities(input_fs, shards, config.io_retry_seconds)
     run_plan = plan_run(shards, sink.identities, markers, config.retry_errors)

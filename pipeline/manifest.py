@@ -56,7 +56,10 @@ def model_hash(model: str) -> str:
 def _cached_hub_file(repo_id: str, name: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, name)
+    try:
+        found = try_to_load_from_cache(repo_id, name)
+    except ValueError:  # not a hub id either; the job's model checks have said so already
+        return None
     return Path(found) if isinstance(found, str) else None
 
 
