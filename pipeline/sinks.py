@@ -146,6 +146,9 @@ class ShardSink:
             shard = row["shard"]
             self.seen.add(shard)
             count = row.pop("shard_rows")  # set on the rows of the shard's last chunk only
+            cost = row.pop("cost")
+            if cost is not None:  # spent, whatever becomes of the shard
+                self.ledger.append(json.loads(cost))
             if count == SHARD_FAILED:       # its rows so far and any still to come are dropped; the next run retries
                 self.failed[shard] = row["error"]
                 for pending in (self._results, self._audit, self._costs, self._expected):
@@ -158,10 +161,8 @@ class ShardSink:
                 continue
             if count is not None:
                 self._expected[shard] = count
-            cost = row.pop("cost")
             if cost is not None:
-                self._costs[shard].append(json.loads(cost))
-                self.ledger.append(self._costs[shard][-1])
+                self._costs[shard].append(self.ledger[-1])
             if row.pop("configuration") != self.configuration:  # the actor sends a batch's audit rows first
                 self._audit[shard].append(row)
                 continue
