@@ -248,11 +248,11 @@ def build_parser(task: str, skip: tuple[str, ...] = ()) -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(
         prog=f"{task}.py", argument_default=argparse.SUPPRESS,
         description=f"trimlens {task} job: images from object storage through LLaVA with visual-token reduction; "
-                    "Parquet results + a per-batch cost ledger. A rerun on the same output runs only new shards, shards "
-                    "whose input changed and (--retry-errors) earlier error rows. Exit status 0: done; 2: the job was "
-                    "refused before it started (also: the output holds another configuration); 1: the object store "
-                    "stayed unreachable longer than --io-retry-seconds (run the same command again to resume); 3: "
-                    "--max-cost-usd reached, shards remain (run again to do them).")
+                    "Parquet results + a per-batch cost ledger. A rerun on the same output runs only new shards, "
+                    "shards whose input changed and (--retry-errors) earlier error rows. Exit status 0: done; 2: the "
+                    "job was refused before it started (also: the output holds another configuration); 1: the object "
+                    "store stayed unreachable longer than --io-retry-seconds (run the same command again to resume); "
+                    "3: --max-cost-usd reached, shards remain (run again to do them).")
     parser.add_argument("--config", metavar="job.yaml", help="YAML or JSON file with the same settings "
                         "(keys are the flag names, - or _); flags override it (default: none)")
     add_flags(parser, JobConfig, exclusive=("visual_tokens", "ratio"), skip=skip)

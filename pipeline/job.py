@@ -124,7 +124,8 @@ def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard],
     return (ray.data.read_datasource(ShardSource(fs, pending, config))
             .map_batches(prepare, fn_kwargs={"config": config}, batch_size=config.batch_size, batch_format="pyarrow")
             .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus,
-                                                               "configurations": configurations, "cost_gate": cost_gate},
+                                                               "configurations": configurations,
+                                                               "cost_gate": cost_gate},
                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=config.batch_size,
                          batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus))
 
@@ -226,7 +227,8 @@ def plan_and_run(config: JobConfig) -> str:
     if config.dry_run:
         runs = history.read_runs(job.sink.fs, job.sink.root, config.io_retry_seconds)
         shards = len(job.run.new) + len(job.run.changed)
-        return f"cost estimate: {history.cost_estimate(runs, shards, sum(job.run.retry.values()))}; --dry-run: nothing run"
+        estimate = history.cost_estimate(runs, shards, sum(job.run.retry.values()))
+        return f"cost estimate: {estimate}; --dry-run: nothing run"
     summary = run(config, job)
     text = report(summary)
     if summary["shards_not_started"]:
@@ -288,8 +290,9 @@ def report(summary: dict[str, Any]) -> str:
                      f"({saved:.2f}x); cost ${summary['cost_usd']:.4g} against ~${summary['cost_usd'] / saved:.4g} with "
                      f"none (priced by FLOPs; at --price-per-gpu-hour {settings['price_per_gpu_hour']})")
     if summary["shards_failed"]:
-        lines.append(f"{len(summary['shards_failed'])} shards could not be read (recorded in {output}/runs/; the next "
-                     "run retries them): " + "; ".join(f"{k}: {v}" for k, v in sorted(summary["shards_failed"].items())))
+        failed = summary["shards_failed"]
+        lines.append(f"{len(failed)} shards could not be read (recorded in {output}/runs/; the next run retries them): "
+                     + "; ".join(f"{shard}: {reason}" for shard, reason in sorted(failed.items())))
     if summary["shards_not_started"]:
         lines.append(f"--max-cost-usd {settings['max_cost_usd']} reached: {len(summary['shards_not_started'])} shards "
                      "not started (the next run does them)")

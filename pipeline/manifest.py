@@ -124,7 +124,8 @@ class RunPlan:
 
     def describe(self) -> str:
         """e.g. `412 shards: 17 new, 2 changed, 393 unchanged; 31 error rows to retry`."""
-        text = f"{self.shards} shards: {len(self.new)} new, {len(self.changed)} changed, {len(self.unchanged)} unchanged"
+        text = (f"{self.shards} shards: {len(self.new)} new, {len(self.changed)} changed, "
+                f"{len(self.unchanged)} unchanged")
         if self.retry:
             text += f"; {sum(self.retry.values())} error rows to retry"
         return text

@@ -40,8 +40,10 @@ def run_row(run: dict[str, Any]) -> list[str]:
 def text_table(runs: list[dict[str, Any]]) -> str:
     rows = [list(COLUMNS), *(run_row(r) for r in runs)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                     for row in rows)
+    def line(row: list[str]) -> str:  # run id and start to the left, figures to the right
+        return "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+
+    return "\n".join(line(row) for row in rows)
 
 
 def trend_plot(runs: list[dict[str, Any]]) -> str:
@@ -116,10 +118,12 @@ def thumbnails(settings: dict[str, Any], picks: list[dict[str, Any]]) -> dict[st
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1240px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
 th{background:#f4f4f4}td.l,th.l{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:14px}
 .card{width:180px;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:13px}
-.card img{display:block;margin:0 auto 6px;height:120px;max-width:160px;object-fit:contain;image-rendering:pixelated}.muted{color:#777}"""
+.card img{display:block;margin:0 auto 6px;height:120px;max-width:160px;object-fit:contain;image-rendering:pixelated}
+.muted{color:#777}"""
 
 
 def html_page(output: str, runs: list[dict[str, Any]], results: pa.Table | None, thumbs: dict[str, str]) -> str:

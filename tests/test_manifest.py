@@ -48,7 +48,8 @@ def test_a_different_configuration_is_named_and_refused(tmp_path):
     model = str(save_test_model(tmp_path / "model"))
     held = fingerprint(JobConfig(model=model, reducer="visionzip", ratio=0.33))
     asked = fingerprint(JobConfig(model=model, reducer="fastv", visual_tokens=64))
-    assert first_difference(held, asked) == "output holds reducer visionzip at ratio 0.33; this job asks for fastv at 64 tokens"
+    assert first_difference(held, asked) == \
+        "output holds reducer visionzip at ratio 0.33; this job asks for fastv at 64 tokens"
     assert first_difference(held, held) is None
     longer = fingerprint(JobConfig(model=model, reducer="visionzip", ratio=0.33, max_new_tokens=8))
     assert first_difference(held, longer) == "output holds max new tokens 32; this job asks for max new tokens 8"
@@ -129,7 +130,8 @@ def test_cost_estimate_from_earlier_runs_and_the_history_table():
     runs = [_run(100, 1.0, 4), _run(100, 3.0, 4)]
     assert cost_estimate(runs, 2, 10).startswith("~$1.2 ")  # 2 shards x $0.5 + 10 rows x $0.02
     lines = text_table(runs).splitlines()
-    assert len(lines) == 3 and lines[0].split()[:2] == ["run", "start"] and lines[2].split()[-3:] == ["3", "2.00", "3.0"]
+    assert len(lines) == 3 and lines[0].split()[:2] == ["run", "start"]
+    assert lines[2].split()[-3:] == ["3", "2.00", "3.0"]
 
 
 def test_error_rows_grouped_by_reason():
