@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 from transformers import AutoModelForImageTextToText
 
@@ -27,7 +28,7 @@ from pipeline import audit
 from pipeline.bundled import resolve_model
 from pipeline.config import Configuration, JobConfig
 from pipeline.decode import load_processor, unpack
-from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.schema import OUTPUT_SCHEMA, SHARD_NOT_STARTED
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -68,8 +69,10 @@ def collate(rows: list[dict[str, np.ndarray]], pad_token_id: int) -> dict[str, t
 class ModelActor:
     """One model copy. Ray calls it with PREPARED_SCHEMA tables and gets OUTPUT_SCHEMA tables back."""
 
-    def __init__(self, config: JobConfig, gpus: float, cpus: float, configurations: list[Configuration] | None = None):
+    def __init__(self, config: JobConfig, gpus: float, cpus: float, configurations: list[Configuration] | None = None,
+                 cost_gate: Any = None):
         self.config = config
+        self.cost_gate = cost_gate  # --max-cost-usd: a costcap.CostGate handle
         self.configurations = configurations or [config.configuration()]
         self.gpus = gpus
         on_gpu = gpus > 0 and torch.cuda.is_available()
@@ -86,14 +89,24 @@ class ModelActor:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        rows, refused = self._admitted(batch.to_pylist())
         share, seed = self.config.audit_share, self.config.audit_seed
         # Audited rows first: the driver then holds them when the last result row completes their shard.
         audited = [r for r in rows if share and r["error"] is None and audit.picked(seed, r["shard"], r["id"], share)]
         out = self._run_through(audit.UNREDUCED, audited) if audited else []
         for configuration in self.configurations:
             out.extend(self._run_through(configuration, rows))
+        out.extend({"id": r["id"], "shard": r["shard"], "shard_rows": SHARD_NOT_STARTED, "question": r["question"],
+                    "error": "not started: --max-cost-usd reached", "configuration": self.configuration.label}
+                   for r in refused)
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    def _admitted(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(rows to run, rows of shards the cost gate does not let start)."""
+        if self.cost_gate is None:
+            return rows, []
+        admitted = set(ray.get(self.cost_gate.admit.remote(sorted({r["shard"] for r in rows}))))
+        return [r for r in rows if r["shard"] in admitted], [r for r in rows if r["shard"] not in admitted]
 
     def _run_through(self, configuration: Configuration, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`rows` through one configuration, in model batches that never mix shards."""
@@ -152,7 +165,10 @@ class ModelActor:
                     "error": r["error"], "model": self.config.model,
                     "reducer": self.configuration.reducer, "configuration": self.configuration.label,
                     "batch_id": batch_id, **per_row.get(i, {})} for i, r in enumerate(rows)]
-        results[0]["cost"] = json.dumps(self._ledger_row(batch_id, results, cost, unreduced, wall))
+        ledger_row = self._ledger_row(batch_id, results, cost, unreduced, wall)
+        if self.cost_gate is not None:
+            self.cost_gate.spend.remote(ledger_row["cost_usd"])  # calls from one actor arrive in order
+        results[0]["cost"] = json.dumps(ledger_row)
         return results
 
     def _generated_tokens(self, new_ids: list[int]) -> int:

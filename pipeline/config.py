@@ -105,8 +105,19 @@ class JobConfig:
                                    "unreduced output goes to OUTPUT/audit/, their mean and 95 % interval to "
                                    "summary.json (default: 0, no audit)", "F", group="output")
     audit_seed: int = _opt(0, "seed of the --audit-share pick", "S", group="output")
-    overwrite: bool = _opt(False, "delete previous results/costs/summary under --output and start over "
-                                  "(default: resume, skipping completed shards)", group="output")
+    overwrite: bool = _opt(False, "delete previous results/costs/summary/runs under --output and start over, also "
+                                  "when the output holds another configuration (default: resume, skipping "
+                                  "completed shards whose input is unchanged)", group="output")
+    retry_errors: bool = _opt(False, "also run the error rows of shards finished by earlier runs again; each such "
+                                     "shard is rewritten with the retried rows in place (default: only new shards "
+                                     "and shards whose input changed run)", group="output")
+    dry_run: bool = _opt(False, "print the run plan (new / changed / unchanged shards, error rows to retry) and a "
+                                "cost estimate from earlier runs on this output, then exit 0 without running "
+                                "(default: run)", group="output")
+    max_cost_usd: float | None = _opt(None, "no shard starts once this run has spent this much (USD, priced as "
+                                            "--price-per-gpu-hour); shards already started finish and are written, "
+                                            "then the job exits with status 3 (default: no cap)", "USD",
+                                      group="cost")
     id_column: str = _opt("id", "Parquet input: column holding the row id", "NAME", group="input")
     image_column: str = _opt("image", "Parquet input: column holding the encoded image bytes", "NAME", group="input")
     question_column: str = _opt("question", "Parquet input column / WebDataset json field holding the question",
@@ -153,6 +164,8 @@ class JobConfig:
         for name in ("max_new_tokens", "images_per_shard", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.max_cost_usd is not None and not self.max_cost_usd > 0:
+            raise ConfigError(f"{flag('max_cost_usd')} must be positive, got {self.max_cost_usd}")
         for name in ("gpus_per_actor", "cpus_per_actor", "price_per_gpu_hour", "io_retry_seconds"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -229,9 +242,11 @@ def build_parser(task: str, skip: tuple[str, ...] = ()) -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(
         prog=f"{task}.py", argument_default=argparse.SUPPRESS,
         description=f"trimlens {task} job: images from object storage through LLaVA with visual-token reduction; "
-                    "Parquet results + a per-batch cost ledger. Exit status 2: the job was refused before it started; "
-                    "1: the object store stayed unreachable longer than --io-retry-seconds (run the same command "
-                    "again to resume).")
+                    "Parquet results + a per-batch cost ledger. A rerun on the same output runs only new shards, "
+                    "shards whose input changed and (--retry-errors) earlier error rows. Exit status 0: done; 2: the "
+                    "job was refused before it started (also: the output holds another configuration); 1: the object "
+                    "store stayed unreachable longer than --io-retry-seconds (run the same command again to resume); "
+                    "3: --max-cost-usd reached, shards remain (run again to do them).")
     parser.add_argument("--config", metavar="job.yaml", help="YAML or JSON file with the same settings "
                         "(keys are the flag names, - or _); flags override it (default: none)")
     add_flags(parser, JobConfig, GROUPS, exclusive=("visual_tokens", "ratio"), skip=skip)

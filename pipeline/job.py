@@ -6,23 +6,23 @@ torch and the model code are imported inside the functions that use them, so `--
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow.fs as pafs
 import ray
 import ray.data
 
-from pipeline import audit
+from pipeline import audit, history
 from pipeline.bundled import BUNDLED_MODEL, default_prompts, resolve_model
 from pipeline.config import AUTO, ConfigError, Configuration, JobConfig, flag, flag_setting, parse_args
 from pipeline.decode import prepare
+from pipeline.manifest import RunPlan, check_fingerprint, fingerprint, input_identities, plan_run
 from pipeline.progress import Progress
 from pipeline.retry import ObjectStoreUnavailable
-from pipeline.sinks import ShardSink, shard_folder
+from pipeline.sinks import ShardSink
 from pipeline.sources import Shard, ShardSource, check_first_shard, list_shards, open_uri
 
 if TYPE_CHECKING:
@@ -31,19 +31,23 @@ if TYPE_CHECKING:
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
+EXIT_COST_CAP = 3  # --max-cost-usd stopped new shards from starting; what started was finished and written
+
+
+class CostCapReached(Exception):
+    """The job ran to the cap: its report (args[0]) is printed as usual, then the exit status is EXIT_COST_CAP."""
+
+
 @dataclass
 class Plan:
     """What a job will do, decided on the driver before Ray or any model starts."""
     input_fs: pafs.FileSystem
     shards: list[Shard]
     sink: ShardSink
-    done: dict[str, dict[str, int]]  # output folder -> {rows, errors} of shards finished by earlier runs
-    config: JobConfig                # the job's settings with --batch-size auto resolved
+    run: RunPlan
+    pending: list[Shard]  # shards this run reads: new and changed ones whole, --retry-errors ones for their errors
+    config: JobConfig     # the job's settings with --batch-size auto resolved
     memory_rule: dict[str, Any] | None  # what --batch-size auto saw and chose; None for a given batch size
-
-    @property
-    def pending(self) -> list[Shard]:
-        return [s for s in self.shards if shard_folder(s.name) not in self.done]
 
 
 def load_model_config(model: str):
@@ -106,7 +110,7 @@ def resolve_batch_size(config: JobConfig, model_config) -> tuple[JobConfig, dict
     fit = min(fits, key=lambda f: f.batch_size)
     rule = {"batch_size": fit.batch_size, "memory_per_actor": fit.memory, "weights_bytes": fit.weights,
             "kv_bytes_per_row": fit.per_row.kv, "activation_bytes_per_row": fit.per_row.activations}
-    return dataclasses.replace(config, batch_size=fit.batch_size), rule
+    return replace(config, batch_size=fit.batch_size), rule
 
 
 def check_instruction(config: JobConfig) -> None:
@@ -126,20 +130,31 @@ def check_instruction(config: JobConfig) -> None:
 
 
 def plan(config: JobConfig) -> Plan:
-    """Every check that can refuse the job (raises ConfigError), cheapest first; no weights are loaded."""
+    """Every check that can refuse the job (raises ConfigError), cheapest first, then the run plan (which shards
+    are new, changed, unchanged, or have error rows to retry); no weights are loaded, no input shard is read but
+    the first one of an empty output and the results of shards with errors to retry."""
     input_fs, root = open_uri(config.input, "--input")
     shards = list_shards(input_fs, root, config)
-    check_first_shard(input_fs, shards[0], config)
     output_fs, output_root = open_uri(config.output, "--output")
     sink = ShardSink(output_fs, output_root, config.configuration().label, config.task, config.io_retry_seconds)
     sink.check_writable(config.output)
+    markers = {} if config.overwrite else sink.completed()
+    if not markers:  # a first run: an unreadable first shard is most likely the wrong --input or --format
+        check_first_shard(input_fs, shards[0], config)
     model_config = load_model_config(config.model)
     check_reducer(model_config, config)
     check_instruction(config)
     config, memory_rule = resolve_batch_size(config, model_config)
-    if config.overwrite:
+    sink.fingerprint = fingerprint(config)  # after the model checks: they name a --model that is not one
+    check_fingerprint(markers, sink.fingerprint)
+    sink.identities = input_identities(input_fs, shards, config.io_retry_seconds)
+    run_plan = plan_run(shards, sink.identities, markers, config.retry_errors)
+    if config.overwrite and not config.dry_run:
         sink.clear()
-    return Plan(input_fs, shards, sink, sink.completed(), config, memory_rule)
+    retried = {} if config.dry_run else {name: sink.error_ids(name) for name in run_plan.retry}
+    sink.merged = set(retried)
+    pending = [replace(s, only_ids=retried[s.name]) if s.name in retried else s for s in run_plan.to_run]
+    return Plan(input_fs, shards, sink, run_plan, pending, config, memory_rule)
 
 
 def actor_resources(config: JobConfig, cluster_gpus: float) -> tuple[float, float]:
@@ -151,7 +166,7 @@ def actor_resources(config: JobConfig, cluster_gpus: float) -> tuple[float, floa
 
 
 def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard],
-                  configurations: list[Configuration] | None = None) -> ray.data.Dataset:
+                  configurations: list[Configuration] | None = None, cost_gate: Any = None) -> ray.data.Dataset:
     """The job's stages; `configurations` (the planner's sweep) runs every row through each of them."""
     from pipeline.actor import ModelActor
 
@@ -160,25 +175,34 @@ def build_dataset(config: JobConfig, fs: pafs.FileSystem, pending: list[Shard],
     return (ray.data.read_datasource(ShardSource(fs, pending, config))
             .map_batches(prepare, fn_kwargs={"config": config}, batch_size=config.batch_size, batch_format="pyarrow")
             .map_batches(ModelActor, fn_constructor_kwargs={"config": config, "gpus": gpus, "cpus": cpus,
-                                                               "configurations": configurations},
+                                                               "configurations": configurations,
+                                                               "cost_gate": cost_gate},
                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=config.batch_size,
                          batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus))
 
 
-def run(config: JobConfig) -> dict[str, Any]:
-    """Run the job to the end (or resume it); returns the summary that is also written to summary.json."""
-    job = plan(config)
+def run(config: JobConfig, job: Plan | None = None) -> dict[str, Any]:
+    """Run the job to the end (or resume it); returns the summary that is also written to summary.json, and adds
+    the run's record to OUTPUT/runs/."""
+    job = job or plan(config)
     config = job.config
     pending = job.pending
     for shard in pending:
-        job.sink.discard_partial(shard.name)
+        if shard.name not in job.sink.merged:  # changed or new: nothing of the shard's earlier outputs is kept
+            job.sink.discard(shard.name)
+    began = history.utc_now()
     started = time.monotonic()
     if pending:
         ray.init(ignore_reinit_error=True)
+        gate = None
+        if config.max_cost_usd is not None:
+            from pipeline.costcap import CostGate
+
+            gate = CostGate.remote(config.max_cost_usd)
         progress = Progress(len(job.shards), len(job.shards) - len(pending))
         try:
-            for out in build_dataset(config, job.input_fs, pending).iter_batches(batch_size=None,
-                                                                                 batch_format="pyarrow"):
+            for out in build_dataset(config, job.input_fs, pending, cost_gate=gate).iter_batches(
+                    batch_size=None, batch_format="pyarrow"):
                 finished = job.sink.add(out)
                 progress.update(len(out), len(finished))
         finally:  # closed before any error line is printed, so that line stays the last one
@@ -188,7 +212,28 @@ def run(config: JobConfig) -> dict[str, Any]:
     for shard in pending:
         if shard.name not in job.sink.seen:  # a shard with no rows: complete, now that the dataset ran to its end
             job.sink.mark_empty(shard.name)
-    return summarize(config, job, time.monotonic() - started)
+    summary = summarize(config, job, time.monotonic() - started)
+    record_run(config, job, summary, began)
+    return summary
+
+
+def record_run(config: JobConfig, job: Plan, summary: dict[str, Any], began) -> None:
+    """OUTPUT/runs/<run-id>.json: this run's figures (summary.json holds the output's totals)."""
+    sink, run_plan = job.sink, job.run
+    record = {"run_id": history.new_run_id(began), "start": began.isoformat(), "end": history.utc_now().isoformat(),
+              "version": sink.fingerprint["version"], "fingerprint": sink.fingerprint,
+              "shards": {"total": run_plan.shards, "new": len(run_plan.new), "changed": len(run_plan.changed),
+                         "unchanged": len(run_plan.unchanged), "retried": len(run_plan.retry),
+                         "failed": len(sink.failed), "not_started": len(sink.not_started)},
+              "failed_shards": sink.failed, "not_started_shards": sorted(sink.not_started),
+              "written_shards": sink.written,
+              "rows": summary["rows_this_run"], "errors": summary["errors_this_run"],
+              "seconds": summary["seconds"], "device_seconds": summary["device_seconds"],
+              "cost_usd": summary["cost_usd"], "images_per_s": summary["images_per_s"],
+              "output_rows": summary["rows"], "output_errors": summary["errors"], "settings": summary["settings"]}
+    if "audit" in summary:
+        record["audit"] = summary["audit"]
+    history.write_run(sink.fs, sink.root, record, config.io_retry_seconds)
 
 
 def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
@@ -204,6 +249,7 @@ def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
         "rows_this_run": rows, "errors_this_run": errors,
         "shards": len(job.shards), "shards_this_run": len(job.pending),
         "shards_skipped": len(job.shards) - len(job.pending),
+        "shards_failed": job.sink.failed, "shards_not_started": sorted(job.sink.not_started),
         "seconds": seconds, "images_per_s": rows / seconds if seconds else 0.0,
         "device_seconds": device_seconds, "cost_usd": cost,
         "cost_per_1000_images": 1000 * cost / rows if rows else 0.0,
@@ -224,18 +270,38 @@ def summarize(config: JobConfig, job: Plan, seconds: float) -> dict[str, Any]:
 
 def main(task: str, argv: list[str] | None = None) -> int:
     """Entry point of jobs/caption.py and jobs/vqa.py."""
-    return entry_point(f"{task}.py", lambda: report(run(parse_args(task, argv))),
+    return entry_point(f"{task}.py", lambda: plan_and_run(parse_args(task, argv)),
                        "finished shards are kept: run the same command again to resume")
+
+
+def plan_and_run(config: JobConfig) -> str:
+    """Print the run plan before Ray starts; --dry-run stops there with the cost estimate; else run and report."""
+    job = plan(config)
+    print(job.run.describe(), flush=True)
+    if config.dry_run:
+        runs = history.read_runs(job.sink.fs, job.sink.root, config.io_retry_seconds)
+        shards = len(job.run.new) + len(job.run.changed)
+        estimate = history.cost_estimate(runs, shards, sum(job.run.retry.values()))
+        return f"cost estimate: {estimate}; --dry-run: nothing run"
+    summary = run(config, job)
+    text = report(summary)
+    if summary["shards_not_started"]:
+        raise CostCapReached(text)
+    return text
 
 
 def entry_point(script: str, work: Callable[[], str], after_outage: str) -> int:
     """Run `work` and print what it returns: exit status 0; 2 with one line for settings refused before anything
-    started (ConfigError); 1 with one line when the object store stayed unreachable past --io-retry-seconds."""
+    started (ConfigError); 1 with one line when the object store stayed unreachable past --io-retry-seconds;
+    EXIT_COST_CAP (3) after the report of a job that --max-cost-usd stopped."""
     try:
         text = work()
     except ConfigError as e:
         print(f"{script}: error: {e}", file=sys.stderr)
         return 2
+    except CostCapReached as e:
+        print(e.args[0])
+        return EXIT_COST_CAP
     except Exception as e:
         outage = find_outage(e)
         if outage is None:
@@ -286,6 +352,13 @@ def report(summary: dict[str, Any]) -> str:
         lines.append(f"FLOPs {summary['flops_total']:.3g} against {summary['flops_total_unreduced']:.3g} with none "
                      f"({saved:.2f}x); cost ${summary['cost_usd']:.4g} against ~${summary['cost_usd'] / saved:.4g} with "
                      f"none (priced by FLOPs; at --price-per-gpu-hour {settings['price_per_gpu_hour']})")
+    if summary["shards_failed"]:
+        failed = summary["shards_failed"]
+        lines.append(f"{len(failed)} shards could not be read (recorded in {output}/runs/; the next run retries them): "
+                     + "; ".join(f"{shard}: {reason}" for shard, reason in sorted(failed.items())))
+    if summary["shards_not_started"]:
+        lines.append(f"--max-cost-usd {settings['max_cost_usd']} reached: {len(summary['shards_not_started'])} shards "
+                     "not started (the next run does them)")
     if "audit" in summary:
         a = summary["audit"]
         low, high = a["agreement_ci"]

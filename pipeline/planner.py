@@ -28,7 +28,8 @@ from pipeline.sources import list_shards, open_uri
 DEFAULT_RATIOS = (1.0, 0.5, 0.33, 0.22, 0.11)
 BOOTSTRAP_RESAMPLES = 2000
 # Job settings the planner chooses or that belong to one run of a job, so jobs/plan.py has no flag for them.
-SWEPT = ("reducer", "visual_tokens", "ratio", "audit_share", "audit_seed", "overwrite")
+SWEPT = ("reducer", "visual_tokens", "ratio", "audit_share", "audit_seed", "overwrite", "retry_errors", "dry_run",
+         "max_cost_usd")
 
 
 @dataclass

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# shard_rows values that are not counts: the shard could not be read (one row, `error` says why), or the model actor
+# did not start the shard because --max-cost-usd was reached (its rows come back without results).
+SHARD_FAILED = -1
+SHARD_NOT_STARTED = -2
+
 # sources.read_shard: one row per input sample; `error` is set when the sample cannot even be read (no image in it).
 SOURCE_SCHEMA = pa.schema([
     ("id", pa.string()), ("shard", pa.string()),

@@ -23,7 +23,7 @@ from ray.data.block import BlockMetadata
 
 from pipeline import retry
 from pipeline.config import ConfigError, JobConfig
-from pipeline.schema import SOURCE_SCHEMA
+from pipeline.schema import SHARD_FAILED, SOURCE_SCHEMA
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SHARD_EXTENSIONS = {"parquet": (".parquet",), "webdataset": (".tar",), "images": IMAGE_EXTENSIONS}
@@ -34,6 +34,7 @@ class Shard:
     format: str             # parquet, webdataset or images
     paths: tuple[str, ...]  # filesystem paths: one file, or the image files of an image-folder shard
     root: str               # input root (image ids are paths relative to it)
+    only_ids: frozenset[str] | None = None  # --retry-errors: read just these rows (the shard's error rows)
 
 
 def open_uri(uri: str, flag: str) -> tuple[pafs.FileSystem, str]:
@@ -106,6 +107,10 @@ def _check_tar(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> None:
             raise ConfigError(f"WebDataset input {shard.name} is not a readable tar file (--input): {e}") from None
 
 
+class ShardUnreadable(ValueError):
+    """The shard as a whole cannot be read (its rows are not there to turn into error rows)."""
+
+
 class ShardSource(Datasource):
     """Ray Data datasource: one read task per shard, streaming the shard's rows in chunks (never a whole shard in
     memory). Ray's own readers are not used: `read_images` fails the whole read on one bad file, and none of them
@@ -128,17 +133,27 @@ class ShardSource(Datasource):
 
 def read_shard(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> Iterator[pa.Table]:
     """The shard's rows (SOURCE_SCHEMA) in tables of --batch-size rows. `shard_rows` is null except on the last
-    table, which carries the shard's row count: a tar's count is known only once it has been read through."""
+    table, which carries the shard's row count: a tar's count is known only once it has been read through. A shard
+    that cannot be read (a corrupt Parquet footer, a broken tar, a missing column, a file gone since the listing)
+    ends with one row whose `shard_rows` is SHARD_FAILED and whose `error` says why: the driver records it as a
+    failed shard and drops what it got of it, and the other shards go on. An outage still fails the job."""
     rows = {"parquet": _parquet_rows, "webdataset": _webdataset_rows, "images": _image_rows}[shard.format]
     fs = retry.fail_fast(fs)  # shipped from the driver: pickling dropped the S3 retry strategy
     pending: list[dict[str, Any]] = []
     count = 0
-    for row in retry.resumable(lambda: rows(fs, shard, config), f"reading {shard.name}", config.io_retry_seconds):
-        pending.append(row)
-        count += 1
-        if len(pending) > config.batch_size:  # hold one row back: the last table must not be empty
-            yield _table(pending[:config.batch_size], shard, None)
-            pending = pending[config.batch_size:]
+    try:
+        for row in retry.resumable(lambda: rows(fs, shard, config), f"reading {shard.name}", config.io_retry_seconds):
+            if shard.only_ids is not None and row["id"] not in shard.only_ids:
+                continue
+            pending.append(row)
+            count += 1
+            if len(pending) > config.batch_size:  # hold one row back: the last table must not be empty
+                yield _table(pending[:config.batch_size], shard, None)
+                pending = pending[config.batch_size:]
+    except (pa.ArrowException, tarfile.TarError, ShardUnreadable, OSError) as e:
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}"
+        yield _table([{"id": "", "image": None, "question": None, "error": reason}], shard, SHARD_FAILED)
+        return
     if pending:
         yield _table(pending, shard, count)
 
@@ -156,6 +171,9 @@ def _parquet_rows(fs: pafs.FileSystem, shard: Shard, config: JobConfig) -> Itera
     with fs.open_input_file(shard.paths[0]) as f:
         parquet = pq.ParquetFile(f)
         names = parquet.schema_arrow.names
+        for column in (config.id_column, config.image_column):
+            if column not in names:
+                raise ShardUnreadable(f"no column {column!r} (columns: {', '.join(names)})")
         columns = [c for c in (config.id_column, config.image_column, config.question_column) if c in names]
         for batch in parquet.iter_batches(batch_size=max(config.batch_size, 64), columns=columns):
             images = batch.column(config.image_column)

@@ -65,3 +65,34 @@ def test_cluster_launcher_yaml_is_valid_for_ray_up():
 def test_the_check_catches_a_flag_caption_does_not_have():
     with pytest.raises(SystemExit):
         _check_job("python jobs/caption.py --input s3://b/i --output s3://b/o --num-gpus 1")
+
+
+def test_kuberay_raycronjob_runs_the_rayjob_nightly_without_overlap():
+    doc = yaml.safe_load((CLUSTER / "raycronjob.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCronJob")
+    spec = doc["spec"]
+    assert len(spec["schedule"].split()) == 5 and set(spec) == {"schedule", "jobTemplate"}
+    job = spec["jobTemplate"]
+    _check_job(job["entrypoint"])
+    config = parse_args("caption", _caption_args(job["entrypoint"]))
+    assert config.retry_errors and config.max_cost_usd > 0
+    assert 0 < job["activeDeadlineSeconds"] < 24 * 3600  # a daily schedule: a night ends before the next begins
+    assert job["shutdownAfterJobFinishes"] is True
+    rayjob = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())["spec"]
+    assert job["rayClusterSpec"] == rayjob["rayClusterSpec"]  # one cluster spec to maintain
+
+
+def test_cronjob_submits_to_an_existing_cluster_with_concurrency_forbidden():
+    doc = yaml.safe_load((CLUSTER / "nightly-cronjob.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("batch/v1", "CronJob")
+    spec = doc["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid" and len(spec["schedule"].split()) == 5
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    command = " ".join(container["command"][2:] + container["args"])
+    words = shlex.split(command)
+    assert words[:3] == ["ray", "job", "submit"] and "--no-wait" not in words  # Forbid sees the night while it runs
+    _check_job(command)
+    raycron = yaml.safe_load((CLUSTER / "raycronjob.yaml").read_text())["spec"]["jobTemplate"]["entrypoint"]
+    assert _caption_args(command) == _caption_args(raycron)  # both schedules run the same job on the same output
