@@ -14,12 +14,12 @@ from typing import Any
 @dataclass
 class Stats:
     """Counts are of each row's real (non-pad) tokens; L: LLM layers, Lv: tower layers, B: prompt rows."""
-    method: str
-    rows: int                                # B
-    prompt_tokens: list[int]                 # [B] real prompt tokens, every <image> placeholder included
-    visual_tokens_in: list[int]              # [B] full visual count (the placeholders)
-    visual_tokens_budget: list[int]          # [B] layer-averaged budget N
     dtype_bytes: int                         # bytes of one cached K or V element
+    method: str = ""
+    rows: int = 0                            # B
+    prompt_tokens: list[int] = field(default_factory=list)         # [B] real prompt tokens, <image> placeholders too
+    visual_tokens_in: list[int] = field(default_factory=list)      # [B] full visual count (the placeholders)
+    visual_tokens_budget: list[int] = field(default_factory=list)  # [B] layer-averaged budget N
     visual_tokens_per_layer: list[list[int]] = field(default_factory=list)  # [L][B] in prefill
     tokens_per_layer: list[list[int]] = field(default_factory=list)         # [L][B] text + visual, in prefill
     visual_tokens_avg: list[float] = field(default_factory=list)            # [B] layer average: the budget's meaning
@@ -40,5 +40,6 @@ class Stats:
 
     @classmethod
     def of(cls, stats: "Stats | Mapping[str, Any]") -> "Stats":
-        """Stats from itself or from its dict view (as `Attachment.stats` or a saved record holds it)."""
+        """Stats from itself or from its dict view (as `Attachment.stats` or a saved record holds it; a dict may
+        leave out what its reader does not use, except dtype_bytes)."""
         return stats if isinstance(stats, Stats) else cls(**stats)
