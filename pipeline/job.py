@@ -306,7 +306,8 @@ def entry_point(script: str, work: Callable[[], str], after_outage: str) -> int:
         outage = find_outage(e)
         if outage is None:
             raise
-        print(f"{script}: error: {outage}; {after_outage}", file=sys.stderr)
+        # One line: an outage handed over by Ray Data can carry Ray's own hints on further lines.
+        print(f"{script}: error: {str(outage).strip().splitlines()[0]}; {after_outage}", file=sys.stderr)
         return 1
     print(text)
     return 0
