@@ -28,9 +28,6 @@ from pipeline.sources import Shard, ShardSource, check_first_shard, list_shards,
 if TYPE_CHECKING:
     from reducers.memory import BatchFit
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-
 EXIT_COST_CAP = 3  # --max-cost-usd stopped new shards from starting; what started was finished and written
 
 
@@ -74,6 +71,7 @@ def check_reducer(model_config, config: JobConfig) -> None:
 def fit_batch(config: JobConfig, model_config, configuration: Configuration) -> "BatchFit":
     """The memory rule (reducers/memory.py) for one configuration of this job, from the model config and the prompt's
     length alone; ConfigError naming --memory-per-actor when not even one row fits."""
+    from pipeline.actor import TORCH_DTYPES
     from pipeline.decode import load_processor, prompt_text
     from reducers import memory
 
@@ -81,7 +79,7 @@ def fit_batch(config: JobConfig, model_config, configuration: Configuration) -> 
     instruction = config.prompt if config.task == "caption" else config.question
     prompt_ids = processor.tokenizer(prompt_text(processor, instruction))["input_ids"]
     text_tokens = len(prompt_ids) - 1  # the one <image> placeholder is priced as the visual tokens it expands to
-    dtype_bytes = DTYPE_BYTES[config.dtype]
+    dtype_bytes = TORCH_DTYPES[config.dtype].itemsize
     given = config.memory_per_actor
     memory_bytes = given if given is not None else memory.default_memory(config.actors[1])[0]
     per_row = memory.row_memory(model_config, configuration.reducer, configuration.budget(), text_tokens,

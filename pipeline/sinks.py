@@ -111,8 +111,7 @@ class ShardSink:
         def remove() -> None:
             for folder in (*FOLDERS, "runs"):
                 self._delete_dir_if_present(self._path(folder))
-            if self.fs.get_file_info(self._path("summary.json")).type == pafs.FileType.File:
-                self.fs.delete_file(self._path("summary.json"))
+            self._delete_file_if_present(self._path("summary.json"))
 
         self._retried(remove, "clearing the output (--overwrite)")
 
