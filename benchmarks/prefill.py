@@ -31,9 +31,9 @@ BUDGETS = (576, 192, 128, 64)
 QUESTION = "Write a short caption for the image of the dog in the park."  # 39 text tokens with the template
 
 CPU_SPEC = LlavaSpec(vision_hidden=1024, vision_layers=8, vision_heads=16, vision_intermediate=4096,
-                    llm_hidden=2048, llm_layers=10, llm_heads=16, llm_kv_heads=16, intermediate=5504)
+                    llm_hidden=2048, llm_layers=10, llm_heads=16, llm_kv_heads=16, llm_intermediate=5504)
 LLAVA_7B_SPEC = LlavaSpec(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
-                         llm_hidden=4096, llm_layers=32, llm_heads=32, llm_kv_heads=32, intermediate=11008)
+                         llm_hidden=4096, llm_layers=32, llm_heads=32, llm_kv_heads=32, llm_intermediate=11008)
 
 
 def make_batch(processor, rows: int, dtype: torch.dtype, device: str) -> dict:
