@@ -6,7 +6,8 @@ The end-to-end benchmark's model (benchmarks/e2e.py: random-weight LLaVA-1.5-lik
 holds exactly --rows (4) rows of `none` by the rule (reducers/memory.py): a small unreduced batch is where a
 batch is memory-bound and the freed memory matters, and it keeps the largest reduced batch short enough to run on a
 CPU. For `none` and every method at 1/3 and 1/9 of the visual tokens: the auto batch, the rule's memory for it, the
-peak memory measured during that batch, one generate's seconds, images/s and the speed-up over `none`.
+peak memory measured during that batch, one generate's seconds (median of --repeats, 3, taken round-robin over the
+configurations), images/s and the speed-up over `none`.
 
 Peak memory: on a GPU torch.cuda.max_memory_allocated; on CPU the resident set's high-water mark during the batch
 (VmHWM, reset before it) minus the resident set before it, plus the weights. glibc keeps some freed blocks, so
@@ -22,6 +23,7 @@ import dataclasses
 import datetime
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -56,7 +58,7 @@ def timed_batch(model, processor, rows: int, dtype: torch.dtype, device: str) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_shared_arguments(parser, repeats=1)
+    add_shared_arguments(parser, repeats=3)
     parser.add_argument("--memory", help="memory per actor, e.g. 3GiB (default: what holds --rows rows of none)")
     next(a for a in parser._actions if a.dest == "rows").help = "none's auto batch at the default memory; default 4"
     args = parser.parse_args()
@@ -83,7 +85,7 @@ def main() -> None:
     timed_batch(model, processor, 1, dtype, args.device)  # warm-up: allocators, kernels, thread pools
     configurations = [("none", {})] + [(m, {"ratio": r}) for m in args.methods.split(",") if m != "none"
                                        for r in RATIOS]
-    baseline = None
+    points = []  # (label, method, budget, auto batch, the rule's memory for it) of each configuration that runs
     for method, budget in configurations:
         label = method + "".join(f" @ {r:g}" for r in budget.values())
         try:
@@ -92,15 +94,23 @@ def main() -> None:
             print(f"| {label} | not measured: {error} |", flush=True)
             continue
         fit = memory.largest_batch(per_actor, weights, row(method, budget))
-        with reducers.attach(model, method, **budget):
-            runs = [timed_batch(model, processor, fit.batch_size, dtype, args.device) for _ in range(args.repeats)]
-        seconds, added = statistics.median(s for s, _ in runs), max(a for _, a in runs)
-        images_per_s = fit.batch_size / seconds
+        points.append((label, method, budget, fit.batch_size, fit.needed(fit.batch_size)))
+    # Round-robin: every repeat times each configuration once, so a drift in the machine's speed (a shared VM's
+    # neighbours) falls on all of them alike instead of on whichever ran last.
+    runs: dict[str, list[tuple[float, int]]] = {label: [] for label, *_ in points}
+    for repeat in range(args.repeats):
+        for label, method, budget, batch_size, _ in points:
+            with reducers.attach(model, method, **budget):
+                runs[label].append(timed_batch(model, processor, batch_size, dtype, args.device))
+            print(f"  run {repeat + 1}/{args.repeats} {label}: {runs[label][-1][0]:.1f} s", file=sys.stderr, flush=True)
+    baseline = None
+    for label, _, _, batch_size, needed in points:
+        seconds = statistics.median(s for s, _ in runs[label])
+        added = max(a for _, a in runs[label])
+        images_per_s = batch_size / seconds
         baseline = baseline or images_per_s
-        print(f"| {label} | {fit.batch_size} | {memory.format_size(fit.needed(fit.batch_size))} | "
-              f"{memory.format_size(weights + added)} | {seconds:.1f} | {images_per_s:.3f} | "
-              f"{images_per_s / baseline:.2f}x |", flush=True)
-
+        print(f"| {label} | {batch_size} | {memory.format_size(needed)} | {memory.format_size(weights + added)} | "
+              f"{seconds:.1f} | {images_per_s:.3f} | {images_per_s / baseline:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()
