@@ -112,5 +112,6 @@ def main() -> None:
         print(f"| {label} | {batch_size} | {memory.format_size(needed)} | {memory.format_size(weights + added)} | "
               f"{seconds:.1f} | {images_per_s:.3f} | {images_per_s / baseline:.2f}x |", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -305,7 +305,8 @@ def entry_point(script: str, work: Callable[[], str], after_outage: str) -> int:
         if outage is None:
             raise
         # One line: an outage handed over by Ray Data can carry Ray's own hints on further lines.
-        print(f"{script}: error: {str(outage).strip().splitlines()[0]}; {after_outage}", file=sys.stderr)
+        first_line = str(outage).strip().partition("\n")[0]
+        print(f"{script}: error: {first_line}; {after_outage}", file=sys.stderr)
         return 1
     print(text)
     return 0
