@@ -1,13 +1,13 @@
 """Throughput at equal memory: each configuration captions at its own `--batch-size auto` batch within one fixed
 memory per actor, so a reduction's smaller KV cache and activations buy a larger batch.
 
-The end-to-end benchmark's model (benchmarks/e2e.py: random-weight LLaVA-1.5-like shapes, 12 LLM layers, bf16,
-~40 text tokens, exactly 60 generated tokens). The memory per actor is, unless --memory is given, the memory that
-holds exactly --rows (4) rows of `none` by the rule (reducers/memory.py): a small unreduced batch is where a
-batch is memory-bound and the freed memory matters, and it keeps the largest reduced batch short enough to run on a
-CPU. For `none` and every method at 1/3 and 1/9 of the visual tokens: the auto batch, the rule's memory for it, the
-peak memory measured during that batch, one generate's seconds (median of --repeats, 3, taken round-robin over the
-configurations), images/s and the speed-up over `none`.
+The end-to-end benchmark's model (benchmarks/e2e.py: random-weight LLaVA-1.5-like shapes, 12 LLM layers, bf16 or
+--dtype, ~40 text tokens, exactly 60 generated tokens). The memory per actor is, unless --memory is given, the
+memory that holds exactly --rows (4) rows of `none` by the rule (reducers/memory.py): a small unreduced batch is
+where a batch is memory-bound and the freed memory matters, and it keeps the largest reduced batch short enough to
+run on a CPU. For `none` and every method at 1/3 and 1/9 of the visual tokens: the auto batch, the rule's memory for
+it, the peak memory measured during that batch, one generate's seconds (median of --repeats, 3, taken round-robin
+over the configurations), images/s and the speed-up over `none`.
 
 Peak memory: on a GPU torch.cuda.max_memory_allocated; on CPU the resident set's high-water mark during the batch
 (VmHWM, reset before it) minus the resident set before it, plus the weights. glibc keeps some freed blocks, so
@@ -15,6 +15,7 @@ this can read a little high; fixing its mmap threshold as tests/memory_probe.py 
 tensor allocation into a page-faulting mmap, which slowed generate several-fold here, so timings would be wrong.
 
     scripts/netns-run .venv/bin/python -m benchmarks.equal_memory [--threads 1] [--methods visionzip,fastv]
+        [--dtype fp32]
 """
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ method's own scoring / selection / merging. Batch 4, ~40 text tokens, 576 visual
 Default shapes (CPU): vision hidden 1024 x 8 layers (CLIP ViT-L width), LLM hidden 2048 x 10 layers, bf16.
 Ten LLM layers is the smallest depth at which every method's default pruning layer (2/32 and 3/32 of the
 depth, rounded to layer 1 here) can still average 64 visual tokens. `--llava-7b` uses LLaVA-1.5-7B's shapes
-(CLIP-L 24 layers, 32 x 4096 LLM, fp16) for a GPU.
+(CLIP-L 24 layers, 32 x 4096 LLM, fp16) for a GPU. `--dtype fp32` for a CPU without bf16 instructions (no
+avx512_bf16 / AMX in /proc/cpuinfo), where bf16 matrix products run about 4x slower than fp32.
 
-    scripts/netns-run .venv/bin/python -m benchmarks.prefill [--repeats 3] [--device cpu] [--llava-7b]
+    scripts/netns-run .venv/bin/python -m benchmarks.prefill [--repeats 3] [--device cpu] [--llava-7b] [--dtype fp32]
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 import reducers
+from pipeline.actor import TORCH_DTYPES
 from reducers.accounting import batch_cost
 from reference.test_models import LlavaSpec, build_model, build_processor
 
@@ -102,6 +104,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--rows", type=int, default=4, help="batch size; default 4")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llava-7b", action="store_true", help="LLaVA-1.5-7B shapes in fp16 (for a GPU)")
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES),
+                        help="weights and activations (default bf16, fp16 with --llava-7b); fp32 for a CPU without "
+                             "bf16 instructions, where bf16 matrix products run several times slower")
     parser.add_argument("--methods", default=",".join(reducers.available()), help="comma-separated; default all")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -111,6 +116,7 @@ def setup(args: argparse.Namespace) -> tuple[LlavaSpec, torch.dtype, str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec, dtype = (LLAVA_7B_SPEC, torch.float16) if args.llava_7b else (CPU_SPEC, torch.bfloat16)
+    dtype = TORCH_DTYPES[args.dtype] if args.dtype else dtype
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
                    else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     return spec, dtype, device_name

@@ -6,11 +6,13 @@ module and builds its parser, and starts neither Ray nor a model.
 """
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
@@ -26,3 +28,15 @@ def test_benchmark_starts(name):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage:")
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [([], torch.bfloat16), (["--llava-7b"], torch.float16),
+                                              (["--dtype", "fp32"], torch.float32),
+                                              (["--llava-7b", "--dtype", "bf16"], torch.bfloat16)])
+def test_model_benchmarks_take_the_dtype_asked_for(flags, dtype):
+    """--dtype overrides the shapes' default: fp32 is what a CPU without bf16 instructions runs at a usable speed."""
+    from benchmarks.prefill import add_shared_arguments, setup
+
+    parser = argparse.ArgumentParser()
+    add_shared_arguments(parser, repeats=1)
+    assert setup(parser.parse_args(flags))[1] is dtype
