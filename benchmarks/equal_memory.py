@@ -7,12 +7,14 @@ memory that holds exactly --rows (4) rows of `none` by the rule (reducers/memory
 where a batch is memory-bound and the freed memory matters, and it keeps the largest reduced batch short enough to
 run on a CPU. For `none` and every method at 1/3 and 1/9 of the visual tokens: the auto batch, the rule's memory for
 it, the peak memory measured during that batch, one generate's seconds (median of --repeats, 3, taken round-robin
-over the configurations), images/s and the speed-up over `none`.
+over the configurations), images/s, the speed-up over `none`, and the speed-up that the FLOPs per image imply
+(reducers.accounting): where the time is compute-bound, images/s rises no further than that.
 
 Peak memory: on a GPU torch.cuda.max_memory_allocated; on CPU the resident set's high-water mark during the batch
 (VmHWM, reset before it) minus the resident set before it, plus the weights. glibc keeps some freed blocks, so
-this can read a little high; fixing its mmap threshold as tests/memory_probe.py does makes it exact but turns every
-tensor allocation into a page-faulting mmap, which slowed generate several-fold here, so timings would be wrong.
+this can read high (fp32 none: 3.9 GiB against 3.4 exact); MALLOC_MMAP_THRESHOLD_=65536 in the environment, as
+tests/memory_probe.py uses, makes it exact but turns every large allocation into a page-faulting mmap, which slowed
+bf16 generate several-fold here (fp32 not measurably), so check the timings against a run without it.
 
     scripts/netns-run .venv/bin/python -m benchmarks.equal_memory [--threads 1] [--methods visionzip,fastv]
         [--dtype fp32]
@@ -33,6 +35,7 @@ import reducers
 from benchmarks.e2e import NEW_TOKENS, caption
 from benchmarks.prefill import add_shared_arguments, make_batch, setup
 from reducers import memory
+from reducers.accounting import batch_cost
 from reference.test_models import build_model, build_processor
 
 RATIOS = (0.33, 0.11)
@@ -82,7 +85,7 @@ def main() -> None:
           f"{text_tokens} text tokens; memory per actor {memory.format_size(per_actor)} (weights "
           f"{memory.format_size(weights)})")
     print("| configuration | auto batch | rule: memory for it | measured peak | s per batch (median) | images/s "
-          "| speed-up |\n|---|---|---|---|---|---|---|")
+          "| speed-up | FLOPs-implied |\n|---|---|---|---|---|---|---|---|")
     timed_batch(model, processor, 1, dtype, args.device)  # warm-up: allocators, kernels, thread pools
     configurations = [("none", {})] + [(m, {"ratio": r}) for m in args.methods.split(",") if m != "none"
                                        for r in RATIOS]
@@ -99,10 +102,12 @@ def main() -> None:
     # Round-robin: every repeat times each configuration once, so a drift in the machine's speed (a shared VM's
     # neighbours) falls on all of them alike instead of on whichever ran last.
     runs: dict[str, list[tuple[float, int]]] = {label: [] for label, *_ in points}
+    flops_per_image: dict[str, float] = {}
     for repeat in range(args.repeats):
         for label, method, budget, batch_size, _ in points:
-            with reducers.attach(model, method, **budget):
+            with reducers.attach(model, method, **budget) as attachment:
                 runs[label].append(timed_batch(model, processor, batch_size, dtype, args.device))
+                flops_per_image[label] = batch_cost(model.config, attachment.last).flops_total / batch_size
             print(f"  run {repeat + 1}/{args.repeats} {label}: {runs[label][-1][0]:.1f} s", file=sys.stderr, flush=True)
     baseline = None
     for label, _, _, batch_size, needed in points:
@@ -111,7 +116,8 @@ def main() -> None:
         images_per_s = batch_size / seconds
         baseline = baseline or images_per_s
         print(f"| {label} | {batch_size} | {memory.format_size(needed)} | {memory.format_size(weights + added)} | "
-              f"{seconds:.1f} | {images_per_s:.3f} | {images_per_s / baseline:.2f}x |", flush=True)
+              f"{seconds:.1f} | {images_per_s:.3f} | {images_per_s / baseline:.2f}x | "
+              f"{flops_per_image['none'] / flops_per_image[label]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
