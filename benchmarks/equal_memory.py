@@ -71,7 +71,7 @@ def main() -> None:
         spec = dataclasses.replace(spec, llm_layers=12)  # the e2e benchmark's depth
     processor = build_processor(spec)
     model = build_model(processor.tokenizer, spec, dtype=dtype).to(args.device)
-    dtype_bytes = torch.finfo(dtype).bits // 8
+    dtype_bytes = dtype.itemsize
     text_tokens = int((make_batch(processor, 1, dtype, "cpu")["input_ids"][0] != model.config.image_token_id).sum())
     weights = memory.weight_bytes(model.config, dtype_bytes)
 
